@@ -1,0 +1,126 @@
+// CPU kernel: the whole tensor list cut into equal chunks, chunks spread over threads, each chunk
+// read once (sum of squares and grad update together). Partials land in a per-chunk slot and are
+// added in chunk order, so the result is bit-identical whatever the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+#include "l2_penalty.h"
+
+namespace l2fast {
+namespace {
+
+constexpr int64_t kChunk = 16384;     // elements per task: a few L1-sized strips, cheap to schedule
+constexpr int64_t kGrainChunks = 4;   // >= 64K elements per thread, so small models stay on one thread
+
+struct Chunk {
+  int64_t segment;
+  int64_t begin;
+  int64_t end;
+};
+
+// float/double with an accumulator of the same type: at::vec, four independent accumulators.
+template <typename T, GradMode MODE>
+T chunk_vectorized(const T* p, T* g, int64_t n, T scale) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec s(scale);
+  Vec acc[4] = {Vec(T(0)), Vec(T(0)), Vec(T(0)), Vec(T(0))};
+  int64_t i = 0;
+  auto step = [&](int64_t j, Vec& a) {
+    Vec x = Vec::loadu(p + j);
+    a = at::vec::fmadd(x, x, a);
+    if constexpr (MODE == GradMode::kAccumulate) at::vec::fmadd(x, s, Vec::loadu(g + j)).store(g + j);
+    if constexpr (MODE == GradMode::kWrite) (x * s).store(g + j);
+  };
+  for (; i + 4 * W <= n; i += 4 * W) {
+    step(i, acc[0]);
+    step(i + W, acc[1]);
+    step(i + 2 * W, acc[2]);
+    step(i + 3 * W, acc[3]);
+  }
+  for (; i + W <= n; i += W) step(i, acc[0]);
+  Vec total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, total);
+  for (; i < n; ++i) {
+    T x = p[i];
+    sum += x * x;
+    if constexpr (MODE == GradMode::kAccumulate) g[i] += scale * x;
+    if constexpr (MODE == GradMode::kWrite) g[i] = scale * x;
+  }
+  return sum;
+}
+
+// float16/bfloat16, or float32 accumulated in float64: convert element-wise, four accumulators.
+template <typename T, typename acc_t, GradMode MODE>
+acc_t chunk_converting(const T* p, T* g, int64_t n, acc_t scale) {
+  acc_t acc[4] = {0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t x = static_cast<acc_t>(p[i]);
+    acc[i & 3] += x * x;
+    if constexpr (MODE == GradMode::kAccumulate) g[i] = static_cast<T>(static_cast<acc_t>(g[i]) + scale * x);
+    if constexpr (MODE == GradMode::kWrite) g[i] = static_cast<T>(scale * x);
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+template <typename T, typename acc_t, GradMode MODE>
+acc_t chunk_sum(const T* p, T* g, int64_t n, acc_t scale) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return chunk_vectorized<T, MODE>(p, g, n, scale);
+  } else {
+    return chunk_converting<T, acc_t, MODE>(p, g, n, scale);
+  }
+}
+
+template <typename acc_t>
+acc_t run_chunk(const Segment& seg, int64_t begin, int64_t end, acc_t scale) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, seg.p.scalar_type(), "l2fast_cpu", [&] {
+    const scalar_t* p = seg.p.const_data_ptr<scalar_t>() + begin;
+    scalar_t* g = seg.g.defined() ? seg.g.mutable_data_ptr<scalar_t>() + begin : nullptr;
+    switch (seg.mode) {
+      case GradMode::kAccumulate:
+        return chunk_sum<scalar_t, acc_t, GradMode::kAccumulate>(p, g, end - begin, scale);
+      case GradMode::kWrite:
+        return chunk_sum<scalar_t, acc_t, GradMode::kWrite>(p, g, end - begin, scale);
+      default:
+        return chunk_sum<scalar_t, acc_t, GradMode::kNone>(p, g, end - begin, scale);
+    }
+  });
+}
+
+template <typename acc_t>
+double run_chunks(const Plan& plan, const std::vector<Chunk>& chunks, double scale) {
+  std::vector<double> partial(chunks.size());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const Chunk& ch = chunks[c];
+      partial[c] = static_cast<double>(
+          run_chunk<acc_t>(plan.segments[ch.segment], ch.begin, ch.end, static_cast<acc_t>(scale)));
+    }
+  });
+  double total = 0.0;
+  for (double x : partial) total += x;
+  return total;
+}
+
+at::Tensor run_cpu(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce) {
+  std::vector<Chunk> chunks;
+  for (size_t s = 0; s < plan.segments.size(); ++s) {
+    const int64_t n = plan.segments[s].p.numel();
+    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int64_t>(s), b, std::min(n, b + kChunk)});
+  }
+  const double scale = 2.0 * weight * (grad_out ? grad_out->item<double>() : 1.0);
+  const double total = plan.any_double ? run_chunks<double>(plan, chunks, scale) : run_chunks<float>(plan, chunks, scale);
+  if (!reduce) return at::Tensor();
+  return at::scalar_tensor(weight * total, at::TensorOptions().dtype(plan.acc_dtype()));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2fast, CPU, m) { register_kernels<run_cpu>(m); }
+
+}  // namespace l2fast

@@ -1,0 +1,65 @@
+// The multi-tensor plan shared by the CPU and CUDA kernels: inputs validated, every tensor
+// reduced to a dense buffer that a kernel may walk as flat memory.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace l2fast {
+
+enum class GradMode : int32_t {
+  kNone = 0,        // read p only
+  kAccumulate = 1,  // g += scale * p
+  kWrite = 2,       // g  = scale * p (a fresh grad)
+};
+
+struct Segment {
+  at::Tensor p;  // dense, non-overlapping, numel > 0
+  at::Tensor g;  // undefined for kNone; else same dtype and strides as p
+  GradMode mode;
+};
+
+struct Plan {
+  std::vector<Segment> segments;
+  // (user's grad, dense stand-in): copied back after the kernel when a grad was not dense.
+  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
+  at::Device device = at::kCPU;
+  bool any_double = false;  // accumulate in float64 when any input is float64
+
+  at::ScalarType acc_dtype() const { return any_double ? at::kDouble : at::kFloat; }
+  void finish() const;
+};
+
+// What a backend kernel does with a plan: returns weight * sum(p^2) as a 0-dim acc_dtype tensor
+// (when `reduce`), and writes each segment's grad with scale = 2 * weight * (*grad_out if given).
+using RunKernel = at::Tensor (*)(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce);
+
+// The ops, written once over a backend's kernel. `op` names the op in error messages.
+at::Tensor sq_norm_impl(at::TensorList tensors, RunKernel run);
+at::Tensor l2_penalty_impl(at::TensorList params, double weight, RunKernel run);
+std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::TensorList params, double weight,
+                                                 RunKernel run);
+at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, double weight,
+                                   at::IntArrayRef fresh, RunKernel run);
+
+}  // namespace l2fast
+
+#include <torch/library.h>
+
+namespace l2fast {
+
+// Registers the four ops for one backend (CPU, CUDA) over that backend's kernel.
+template <RunKernel run>
+void register_kernels(torch::Library& m) {
+  m.impl("sq_norm", [](at::TensorList t) { return sq_norm_impl(t, run); });
+  m.impl("l2_penalty", [](at::TensorList p, double w) { return l2_penalty_impl(p, w, run); });
+  m.impl("l2_penalty_backward", [](const at::Tensor& g, at::TensorList p, double w) {
+    return l2_penalty_backward_impl(g, p, w, run);
+  });
+  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef fresh) {
+    return l2_penalty_inplace_impl(p, g, w, fresh, run);
+  });
+}
+
+}  // namespace l2fast

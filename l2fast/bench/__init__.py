@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m l2fast.bench {penalty,train,infer} ...`."""
