@@ -1,5 +1,6 @@
 // Op schemas (backend-independent) and the Python module that loading the library needs.
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -20,4 +21,47 @@ TORCH_LIBRARY(l2fast, m) {
   // grads[i] += 2 * weight * params[i] (or = for the indices in `fresh`) and returns weight * sum(p^2),
   // reading each param once.
   m.def("l2_penalty_(Tensor[] params, Tensor(a!)[] grads, float weight, int[] fresh=[]) -> Tensor");
+}
+
+// Reached only when no backend kernel applies: an empty tensor list (no device to dispatch on) or
+// tensors on a device l2fast has no kernel for.
+namespace {
+
+#ifdef WITH_CUDA
+constexpr const char* kKernelDevices = "cpu and cuda";
+#else
+constexpr const char* kKernelDevices = "cpu (this build has no CUDA kernels)";
+#endif
+
+at::Tensor zero_if_empty(const char* op, at::TensorList params) {
+  TORCH_CHECK_NOT_IMPLEMENTED(params.empty(), op, ": params[0] is on ", params[0].device(),
+                              "; l2fast has kernels for ", kKernelDevices, " tensors only");
+  return at::zeros({}, at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2fast, CompositeExplicitAutograd, m) {
+  m.impl("sq_norm", [](at::TensorList t) { return zero_if_empty("l2fast.sq_norm", t); });
+  m.impl("l2_penalty", [](at::TensorList p, double) { return zero_if_empty("l2fast.l2_penalty", p); });
+  m.impl("l2_penalty_backward", [](const at::Tensor&, at::TensorList p, double) {
+    zero_if_empty("l2fast.l2_penalty_backward", p);
+    return std::vector<at::Tensor>();
+  });
+  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList, double, at::IntArrayRef) {
+    return zero_if_empty("l2fast.l2_penalty_", p);
+  });
+}
+
+// l2_penalty_ is not differentiable (its value is detached and grads are plain buffers); an explicit
+// Autograd kernel skips the boxed "autograd not implemented" fallback, which costs more per call than
+// the whole seed-MLP-sized kernel.
+TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
+  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef fresh) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("l2fast::l2_penalty_", "")
+                               .typed<at::Tensor(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
+    at::AutoDispatchBelowAutograd guard;
+    return op.call(p, g, w, fresh);
+  });
 }

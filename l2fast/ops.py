@@ -32,6 +32,10 @@ def _tensor_list(fn, name, tensors):
     return tensors
 
 
+def _on_kernel_device(params):
+    return bool(params) and isinstance(params[0], torch.Tensor) and params[0].device.type in _KERNEL_DEVICES
+
+
 def _weight(fn, weight):
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise TypeError(f"l2fast.{fn}: weight is a {type(weight).__name__}; expected a real number")
@@ -58,20 +62,26 @@ def l2_penalty_(params, weight):
     None gets a fresh grad of 2 * weight * p. The returned value is detached. On bad input
     (mixed devices, a grad of the wrong shape/dtype/device, ...) it raises and modifies nothing.
     """
-    params = _tensor_list("l2_penalty_", "params", params)
-    weight = _weight("l2_penalty_", weight)
-    grads, fresh = [], []
-    for i, p in enumerate(params):
-        if p.grad is None:
-            grads.append(torch.empty_like(p))
-            fresh.append(i)
-        else:
-            grads.append(p.grad)
-    with torch.no_grad():
-        value = torch.ops.l2fast.l2_penalty_(params, grads, weight, fresh)
+    # The per-call Python here is kept to a minimum: at the seed MLP's size it is most of the cost.
+    if type(params) is not list or not _on_kernel_device(params):
+        params = _tensor_list("l2_penalty_", "params", params)
+    grads = [p.grad for p in params]
+    fresh = [i for i, g in enumerate(grads) if g is None]
+    if fresh:
+        for i in fresh:
+            grads[i] = torch.empty_like(params[i])
+    try:
+        value = _l2_penalty_inplace(params, grads, weight, fresh)
+    except (RuntimeError, TypeError, ValueError):
+        _tensor_list("l2_penalty_", "params", params)  # a clearer message for a non-tensor or device
+        _weight("l2_penalty_", weight)
+        raise
     for i in fresh:
         params[i].grad = grads[i]
     return value
+
+
+_l2_penalty_inplace = torch.ops.l2fast.l2_penalty_.default
 
 
 def _acc_dtype(tensors):
@@ -103,8 +113,18 @@ def _l2_penalty_backward_fake(grad, params, weight):
 
 
 @torch.library.register_fake("l2fast::l2_penalty_")
-def _l2_penalty_inplace_fake(params, grads, weight, fresh):
-    return _fake_value("l2fast.l2_penalty_", params)
+def _l2_penalty_inplace_fake(params, grads, weight, fresh=()):
+    op = "l2fast.l2_penalty_"
+    if len(grads) != len(params):
+        raise ValueError(f"{op}: got {len(params)} params but {len(grads)} grads; expected one grad per param")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.device != p.device:
+            raise ValueError(f"{op}: grads[{i}] is on {g.device} but params[{i}] is on {p.device}; "
+                             "a grad must be on its param's device")
+        if g.dtype != p.dtype or g.shape != p.shape:
+            raise ValueError(f"{op}: grads[{i}] is {g.dtype} {list(g.shape)} but params[{i}] is "
+                             f"{p.dtype} {list(p.shape)}; a grad must match its param's dtype and shape")
+    return _fake_value(op, params)
 
 
 def _save_params(ctx, inputs, output):
