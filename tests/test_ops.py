@@ -317,3 +317,79 @@ class TestBadInput:
     def test_mixed_cpu_cuda(self):
         with pytest.raises(ValueError, match=r"params\[1\] is on cpu but params\[0\] is on cuda"):
             l2fast.sq_norm([torch.randn(2, device="cuda"), torch.randn(2)])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+class TestCudaKernel:
+    """What only a GPU can show: one launch per call, no host sync, CUDA-graph capture."""
+
+    @pytest.mark.parametrize("n_tensors", [6, 1000])
+    def test_one_kernel_launch_per_call(self, n_tensors):
+        params = [torch.randn(257 * (i % 7 + 1), device="cuda") for i in range(n_tensors)]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        l2fast.l2_penalty_(params, 0.1)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            l2fast.l2_penalty_(params, 0.1)
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                   and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+        assert [e.name for e in kernels if "l2_penalty_kernel" in e.name] and len(kernels) == 1, [e.name for e in kernels]
+
+    def test_no_host_synchronisation(self):
+        params = [torch.randn(1000, device="cuda") for _ in range(10)]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            l2fast.l2_penalty_(params, 0.1)
+            l2fast.sq_norm(params)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def test_cuda_graph_capture_and_replay(self):
+        params = [torch.randn(n, device="cuda") for n in (70_000, 3, 1024)]
+        grads = [torch.zeros_like(p) for p in params]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                torch.ops.l2fast.l2_penalty_(params, grads, 0.5)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            value = torch.ops.l2fast.l2_penalty_(params, grads, 0.5)
+        for g in grads:
+            g.zero_()
+        for p in params:
+            p.mul_(2)
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert value.item() == pytest.approx(0.5 * ref_sq_norm(params), rel=1e-6)
+        for p, g in zip(params, grads):
+            torch.testing.assert_close(g, 2 * p)
+
+    def test_dtypes_match_cpu(self):
+        gen = torch.Generator().manual_seed(3)
+        cpu = [torch.randn(n, generator=gen).to(dt) for n, dt in zip((100_003, 17, 40_000, 9), DTYPES)]
+        gpu = [t.cuda() for t in cpu]
+        for ts in (cpu, gpu):
+            for t in ts:
+                t.grad = torch.ones_like(t)
+        v_cpu, v_gpu = l2fast.l2_penalty_(cpu, 0.3), l2fast.l2_penalty_(gpu, 0.3)
+        assert v_gpu.item() == pytest.approx(v_cpu.item(), rel=1e-12)
+        for a, b in zip(cpu, gpu):
+            torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=RTOL[a.dtype], atol=0)
+
+    @pytest.mark.slow
+    def test_over_2_31_elements(self):
+        n = 2**31 + 4099
+        p = torch.ones(n, dtype=torch.float16, device="cuda")
+        p[-4099:] = 2.0
+        p.grad = torch.zeros_like(p)
+        value = l2fast.l2_penalty_([p], 0.5)
+        assert value.item() == torch.tensor(0.5 * (n + 3 * 4099), dtype=torch.float32).item()
+        assert p.grad[0].item() == 1.0 and p.grad[-1].item() == 2.0
