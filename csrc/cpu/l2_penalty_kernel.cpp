@@ -14,7 +14,7 @@ namespace l2fast {
 namespace {
 
 constexpr int64_t kChunk = 16384;     // elements per task: a few L1-sized strips, cheap to schedule
-constexpr int64_t kGrainChunks = 4;   // >= 64K elements per thread, so small models stay on one thread
+constexpr int64_t kSerialBelow = 1 << 18;  // elements: below ~1 MB a thread fork costs more than it saves
 
 struct Chunk {
   int64_t segment;
@@ -93,15 +93,21 @@ acc_t run_chunk(const Segment& seg, int64_t begin, int64_t end, acc_t scale) {
 }
 
 template <typename acc_t>
-double run_chunks(const Plan& plan, const std::vector<Chunk>& chunks, double scale) {
+double run_chunks(const Plan& plan, const std::vector<Chunk>& chunks, int64_t numel, double scale) {
   std::vector<double> partial(chunks.size());
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks, [&](int64_t first, int64_t last) {
+  auto work = [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const Chunk& ch = chunks[c];
       partial[c] = static_cast<double>(
           run_chunk<acc_t>(plan.segments[ch.segment], ch.begin, ch.end, static_cast<acc_t>(scale)));
     }
-  });
+  };
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  if (numel < kSerialBelow) {
+    work(0, n);
+  } else {
+    at::parallel_for(0, n, 1, work);
+  }
   double total = 0.0;
   for (double x : partial) total += x;
   return total;
@@ -109,12 +115,15 @@ double run_chunks(const Plan& plan, const std::vector<Chunk>& chunks, double sca
 
 at::Tensor run_cpu(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce) {
   std::vector<Chunk> chunks;
+  int64_t numel = 0;
   for (size_t s = 0; s < plan.segments.size(); ++s) {
     const int64_t n = plan.segments[s].p.numel();
+    numel += n;
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int64_t>(s), b, std::min(n, b + kChunk)});
   }
   const double scale = 2.0 * weight * (grad_out ? grad_out->item<double>() : 1.0);
-  const double total = plan.any_double ? run_chunks<double>(plan, chunks, scale) : run_chunks<float>(plan, chunks, scale);
+  const double total = plan.any_double ? run_chunks<double>(plan, chunks, numel, scale)
+                                     : run_chunks<float>(plan, chunks, numel, scale);
   if (!reduce) return at::Tensor();
   return at::scalar_tensor(weight * total, at::TensorOptions().dtype(plan.acc_dtype()));
 }
