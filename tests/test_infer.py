@@ -1,0 +1,439 @@
+"""python -m l2fast.infer and l2fast.infer.Predictor: onnxruntime only, inputs, errors, manifest check.
+
+The model is a fixture: MLP() with torch.manual_seed(0), 300 AdamW steps on the bundled sample,
+exported in-process with l2fast.export.export_model (the CLI round trip is in test_export.py).
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import l2fast
+from l2fast import infer
+from l2fast.idx import write_idx
+
+# Subprocesses import the same l2fast as this process: the source tree, or the installed package.
+PKG_ROOT = Path(l2fast.__file__).resolve().parents[1]
+
+TORCH_BLOCKER = textwrap.dedent("""
+    import sys
+
+    class _BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, _BlockTorch())
+""")
+
+
+def run_py(args, cwd, block_torch=True, timeout=180):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    paths = [str(PKG_ROOT)]
+    if block_torch:
+        block = Path(cwd) / "_block_torch"
+        block.mkdir(exist_ok=True)
+        (block / "sitecustomize.py").write_text(TORCH_BLOCKER)
+        paths.insert(0, str(block))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_infer(argv, capsys):
+    """In-process CLI: (exit code, stdout, stderr)."""
+    rc = infer.cli(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def sample():
+    from l2fast.data import load_dataset
+
+    return load_dataset("sample")
+
+
+@pytest.fixture(scope="module")
+def model_and_export(sample, tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from l2fast import export as ex
+    from l2fast.model import MLP
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.from_numpy(sample.train_images).float().div(255).unsqueeze(1)
+    y = torch.from_numpy(sample.train_labels)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = tmp_path_factory.mktemp("infer") / "export"
+    ex.export_model(model, out, sample.test_images[:500], sample.test_labels[:500], classes=sample.classes)
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model_and_export):
+    return model_and_export[1] / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def eager_probs(model_and_export, sample):
+    import torch
+
+    model = model_and_export[0]
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(sample.test_images[:64].astype(np.float32)[:, None] / 255))
+    return torch.softmax(logits, 1).numpy()
+
+
+@pytest.fixture
+def inputs(sample, tmp_path):
+    """A folder with the first test digits as PNG, JPEG, npy (uint8 and float) and IDX files."""
+    from PIL import Image
+
+    imgs = sample.test_images[:8]
+    Image.fromarray(imgs[0]).save(tmp_path / "d0.png")
+    Image.fromarray(imgs[1]).save(tmp_path / "d1.png")
+    np.save(tmp_path / "u8.npy", imgs)
+    np.save(tmp_path / "f32.npy", (imgs.astype(np.float32) / 255)[:, None])
+    write_idx(tmp_path / "imgs-idx3-ubyte", imgs)
+    write_idx(tmp_path / "imgs-idx3-ubyte.gz", imgs)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- torch-free
+
+def test_import_does_not_import_torch_or_pillow(tmp_path):
+    r = run_py(["-c", "import sys, l2fast, l2fast.infer; "
+                      "assert 'torch' not in sys.modules, 'torch'; assert 'PIL' not in sys.modules, 'PIL'; "
+                      "print('clean')"], cwd=tmp_path, block_torch=False)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stderr
+
+
+def test_cli_runs_when_torch_cannot_be_imported(onnx_path, inputs, eager_probs):
+    r = run_py(["-c", "import torch"], cwd=inputs)
+    assert r.returncode != 0 and "torch is blocked" in r.stderr  # the blocker works
+    r = run_py(["-m", "l2fast.infer", str(onnx_path), "d0.png", "u8.npy", "imgs-idx3-ubyte.gz", "--top-k", "3"],
+               cwd=inputs)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 + 8 + 8
+    assert lines[0].startswith("d0.png: ") and lines[1].startswith("u8.npy[0]: ")
+    assert lines[9].startswith("imgs-idx3-ubyte.gz[0]: ")
+    assert all(line.count(" | ") == 2 for line in lines)
+    assert "CPUExecutionProvider" in r.stderr and "CPUExecutionProvider" not in r.stdout
+    # a npy-only run never needs Pillow; the Predictor API works without torch too
+    code = ("import sys, numpy as np; from l2fast.infer import Predictor; "
+            f"p = Predictor({str(onnx_path)!r}); c, pr = p.predict(np.load('u8.npy')); "
+            "assert 'torch' not in sys.modules and 'PIL' not in sys.modules; print(c.tolist())")
+    r = run_py(["-c", code], cwd=inputs)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == eager_probs[:8].argmax(1).tolist()
+
+
+# ----------------------------------------------------------------------------- predictions
+
+def test_predictor_api_matches_eager(onnx_path, sample, eager_probs):
+    p = infer.Predictor(onnx_path, threads=1)
+    assert p.provider == "CPUExecutionProvider" and p.n_classes == 10 and p.labels == sample.classes
+    pred = p.predict(sample.test_images[:64])
+    classes, probs = pred  # a NamedTuple: unpacks
+    assert classes.dtype == np.int64 and classes.shape == (64,)
+    assert probs.dtype == np.float32 and probs.shape == (64, 10)
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (classes == eager_probs.argmax(1)).all()
+    assert np.abs(probs - eager_probs).max() < 1e-5
+    top_c, top_p = pred.top_k(3)
+    assert top_c.shape == (64, 3) and (top_c[:, 0] == classes).all() and (np.diff(top_p, axis=1) <= 0).all()
+    # float input [N,1,28,28] in [0,1] gives the same answer
+    same = p.predict(sample.test_images[:64].astype(np.float64)[:, None] / 255)
+    assert (same.classes == classes).all() and np.allclose(same.probabilities, probs, atol=1e-6)
+
+
+def test_predictor_rejects_bad_arrays(onnx_path):
+    p = infer.Predictor(onnx_path)
+    for bad, needle in ((np.zeros((2, 32, 32), np.uint8), "shape [2, 32, 32]"),
+                        (np.zeros((28, 28), np.uint8), "shape [28, 28]"),
+                        (np.zeros((2, 28, 28), np.int64), "dtype int64"),
+                        (np.full((2, 28, 28), 2.0), "span [2, 2]"),
+                        (np.full((1, 28, 28), np.nan, np.float32), "NaN")):
+        with pytest.raises(infer.InputError, match=r"expected \[N,28,28\] or \[N,1,28,28\]") as e:
+            p.predict(bad)
+        assert needle in str(e.value)
+
+
+def test_every_input_kind_agrees(onnx_path, inputs, eager_probs, capsys):
+    rc, out, err = run_infer([str(onnx_path), str(inputs / "d0.png"), str(inputs / "d1.png"), str(inputs / "u8.npy"),
+                              str(inputs / "f32.npy"), str(inputs / "imgs-idx3-ubyte"),
+                              str(inputs / "imgs-idx3-ubyte.gz"), "--json", "--top-k", "2"], capsys)
+    assert rc == 0, err
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert len(recs) == 2 + 4 * 8
+    expected = eager_probs[:8].argmax(1)
+    assert [r["class"] for r in recs[:2]] == expected[:2].tolist()
+    for k in range(4):
+        chunk = recs[2 + 8 * k: 10 + 8 * k]
+        assert [r["class"] for r in chunk] == expected.tolist()
+        assert [r["index"] for r in chunk] == list(range(8))
+        assert np.allclose([r["probability"] for r in chunk], eager_probs[:8].max(1), atol=1e-5)
+    for r in recs:
+        assert set(r) == {"input", "index", "class", "label", "probability", "top_k"}
+        assert len(r["top_k"]) == 2 and r["top_k"][0]["class"] == r["class"]
+        assert r["top_k"][0]["probability"] >= r["top_k"][1]["probability"]
+        assert r["label"].startswith(str(r["class"]))
+
+
+def test_small_batches_give_the_same_output(onnx_path, inputs, capsys):
+    args = [str(onnx_path), str(inputs / "u8.npy"), str(inputs / "d0.png"), str(inputs / "f32.npy")]
+    rc1, out1, _ = run_infer(args, capsys)
+    rc2, out2, _ = run_infer(args + ["--batch-size", "3", "--threads", "1"], capsys)
+    assert rc1 == rc2 == 0 and out1 == out2 and len(out1.splitlines()) == 17
+
+
+def test_black_on_white_images_need_invert_or_auto(onnx_path, sample, tmp_path, capsys):
+    from PIL import Image
+
+    imgs = sample.test_images[:10]
+    names = []
+    for i, im in enumerate(imgs):
+        Image.fromarray(255 - im).save(tmp_path / f"paper{i}.png")
+        names.append(str(tmp_path / f"paper{i}.png"))
+    ref = infer.Predictor(sample_onnx := onnx_path).predict(imgs).classes.tolist()
+    for opt in (["--invert"], ["--background", "white"], ["--background", "auto"]):
+        rc, out, err = run_infer([str(sample_onnx), *names, "--json", *opt], capsys)
+        assert rc == 0, err
+        assert [json.loads(line)["class"] for line in out.splitlines()] == ref, opt
+    # auto leaves white-on-black images alone
+    np.save(tmp_path / "x.npy", imgs)
+    rc, out, _ = run_infer([str(onnx_path), str(tmp_path / "x.npy"), "--json", "--background", "auto"], capsys)
+    assert [json.loads(line)["class"] for line in out.splitlines()] == ref
+    # npy arrays follow --background too
+    np.save(tmp_path / "inv.npy", 255 - imgs)
+    rc, out, _ = run_infer([str(onnx_path), str(tmp_path / "inv.npy"), "--json", "--invert"], capsys)
+    assert [json.loads(line)["class"] for line in out.splitlines()] == ref
+
+
+def test_large_photo_like_images_are_fitted_like_mnist(onnx_path, sample, tmp_path):
+    """A digit scaled 10x, dark on a light canvas, as JPEG: fitted back into 20x20 and centered."""
+    from PIL import Image
+
+    imgs = sample.test_images[:40]
+    fitted = []
+    for i, im in enumerate(imgs):
+        big = Image.fromarray(255 - im).resize((280, 280), Image.Resampling.BICUBIC)
+        canvas = Image.new("L", (420, 360), 255)
+        canvas.paste(big, (90, 30))
+        path = tmp_path / f"photo{i}.jpg"
+        canvas.convert("RGB").save(path, quality=92)
+        fitted.append(infer.load_image(path, background="auto"))
+    fitted = np.stack(fitted)
+    assert fitted.shape == (40, 28, 28) and fitted.dtype == np.uint8
+    for f in fitted:
+        rows, cols = np.nonzero(f > infer.FIT_THRESHOLD)
+        assert rows.max() - rows.min() < 21 and cols.max() - cols.min() < 21
+        w = f.astype(np.float64)
+        cy = (w.sum(1) * np.arange(28)).sum() / w.sum()
+        cx = (w.sum(0) * np.arange(28)).sum() / w.sum()
+        assert abs(cy - 13.5) < 1.5 and abs(cx - 13.5) < 1.5
+    p = infer.Predictor(onnx_path)
+    agree = (p.predict(fitted).classes == p.predict(imgs).classes).mean()
+    assert agree >= 0.75, agree
+
+
+def test_fit_modes(tmp_path):
+    from PIL import Image
+
+    im = np.zeros((60, 40), np.uint8)
+    im[10:50, 15:25] = 255
+    Image.fromarray(im).save(tmp_path / "bar.png")
+    stretched = infer.load_image(tmp_path / "bar.png", fit="stretch")
+    fitted = infer.load_image(tmp_path / "bar.png", fit="mnist")
+    assert stretched.shape == fitted.shape == (28, 28)
+    rows, cols = np.nonzero(fitted > 64)
+    assert rows.max() - rows.min() + 1 == 20 and cols.max() - cols.min() + 1 == 5  # aspect kept
+    with pytest.raises(infer.InputError, match="expected 28x28 with --fit none"):
+        infer.load_image(tmp_path / "bar.png", fit="none")
+    blank = np.zeros((50, 50), np.uint8)
+    Image.fromarray(blank).save(tmp_path / "blank.png")
+    assert not infer.load_image(tmp_path / "blank.png").any()
+    # a 28x28 image is used as is under --fit auto
+    exact = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(exact).save(tmp_path / "exact.png")
+    assert np.array_equal(infer.load_image(tmp_path / "exact.png"), exact)
+
+
+def test_transparent_png_is_flattened_onto_white(onnx_path, sample, tmp_path):
+    from PIL import Image
+
+    im = sample.test_images[0]
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., 3] = im  # black ink whose opacity is the digit
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "ink.png")
+    got = infer.load_image(tmp_path / "ink.png", background="auto")
+    assert np.abs(got.astype(int) - im.astype(int)).max() <= 1
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def _bad_inputs(tmp_path, sample):
+    from PIL import Image
+
+    bad = {}
+    (tmp_path / "garbage.png").write_bytes(b"definitely not an image")
+    bad["garbage.png"] = "cannot decode"
+    Image.fromarray(sample.test_images[0]).resize((100, 100)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    bad["truncated.png"] = "cannot decode"
+    np.save(tmp_path / "shape.npy", np.zeros((3, 32, 32), np.uint8))
+    bad["shape.npy"] = "shape [3, 32, 32]"
+    np.save(tmp_path / "dtype.npy", np.zeros((3, 28, 28), np.int64))
+    bad["dtype.npy"] = "dtype int64"
+    np.save(tmp_path / "range.npy", np.full((2, 1, 28, 28), 255.0, np.float32))
+    bad["range.npy"] = "span [255, 255]"
+    (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+    bad["broken.npy"] = "not a readable .npy"
+    write_idx(tmp_path / "labels-idx1-ubyte", sample.test_labels[:10].astype(np.uint8))
+    bad["labels-idx1-ubyte"] = "shape [10]"
+    write_idx(tmp_path / "whole-idx3-ubyte", sample.test_images[:4])
+    (tmp_path / "cut-idx3-ubyte").write_bytes((tmp_path / "whole-idx3-ubyte").read_bytes()[:-100])
+    bad["cut-idx3-ubyte"] = "truncated"
+    bad["missing.png"] = "file not found"
+    return bad
+
+
+def test_bad_inputs_are_named_and_good_ones_still_predicted(onnx_path, inputs, sample, capsys):
+    bad = _bad_inputs(inputs, sample)
+    argv = [str(onnx_path), str(inputs / "d0.png")] + [str(inputs / b) for b in bad] + [str(inputs / "u8.npy")]
+    rc, out, err = run_infer(argv, capsys)
+    assert rc == 1
+    assert "Traceback" not in err
+    lines = out.splitlines()
+    assert len(lines) == 1 + 8 and lines[0].startswith(str(inputs / "d0.png"))
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(bad) + 1  # one per input + the summary
+    for (name, needle), line in zip(bad.items(), errors):
+        assert str(inputs / name) in line and needle in line, (name, line)
+        assert "expected" in line or "not found" in line, line
+    assert f"{len(bad)} of {len(bad) + 2} inputs could not be read" in errors[-1]
+    # --json: error records in order, among the predictions
+    rc, out, err = run_infer(argv + ["--json"], capsys)
+    assert rc == 1
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert len(recs) == 1 + len(bad) + 8
+    assert [r["input"] for r in recs[1:1 + len(bad)]] == [str(inputs / b) for b in bad]
+    assert all("error" in r for r in recs[1:1 + len(bad)]) and "class" in recs[-1]
+
+
+def test_bad_input_cli_subprocess_exit_1(onnx_path, inputs):
+    (inputs / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 junk")
+    r = run_py(["-m", "l2fast.infer", str(onnx_path), "junk.jpg", "d0.png"], cwd=inputs)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "error: junk.jpg: cannot decode" in r.stderr
+    assert r.stdout.startswith("d0.png: ")
+
+
+# ----------------------------------------------------------------------------- bad models
+
+def test_bad_models_are_usage_errors(onnx_path, inputs, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    data = onnx_path.read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(data[: len(data) // 3])
+    (tmp_path / "text.onnx").write_text("hello, not a model\n")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 32, 32])
+    other = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(other, str(tmp_path / "other.onnx"))
+    cases = {"missing.onnx": "not found", "truncated.onnx": "not a valid ONNX model",
+             "text.onnx": "not a valid ONNX model", "empty.onnx": "not a valid ONNX model",
+             "other.onnx": "expected float32 [batch, 1, 28, 28]"}
+    for name, needle in cases.items():
+        rc, out, err = run_infer([str(tmp_path / name), str(inputs / "d0.png")], capsys)
+        assert rc == 2, (name, err)
+        assert out == "" and err.count("\n") == 1 and err.startswith("error: "), (name, err)
+        assert str(tmp_path / name) in err and needle in err, (name, err)
+    rc, _, err = run_infer([str(tmp_path), str(inputs / "d0.png")], capsys)
+    assert rc == 2 and "folder" in err
+
+
+def test_usage_errors(onnx_path, inputs, capsys):
+    for extra, needle in ((["--top-k", "0"], "--top-k 0"), (["--batch-size", "0"], "--batch-size 0"),
+                          (["--threads", "0"], "--threads 0")):
+        rc, out, err = run_infer([str(onnx_path), str(inputs / "d0.png"), *extra], capsys)
+        assert rc == 2 and needle in err and out == ""
+    with pytest.raises(SystemExit) as e:  # argparse: no inputs
+        infer.cli([str(onnx_path)])
+    assert e.value.code == 2
+
+
+def test_manifest_sha256_rejects_a_corrupted_model(model_and_export, inputs, tmp_path, capsys):
+    import shutil
+
+    src = model_and_export[1]
+    good = tmp_path / "good"
+    shutil.copytree(src, good)
+    rc, out, err = run_infer([str(good / "model.onnx"), str(inputs / "d0.png")], capsys)
+    assert rc == 0 and "note:" not in err
+    # flip one byte inside a weight: still a valid ONNX file, but not the exported one
+    data = bytearray((good / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (good / "model.onnx").write_bytes(bytes(data))
+    rc, out, err = run_infer([str(good / "model.onnx"), str(inputs / "d0.png")], capsys)
+    assert rc == 2 and out == ""
+    assert "sha256" in err and "manifest.json" in err and "corrupted" in err and err.count("\n") == 1
+    with pytest.raises(infer.ModelError, match="sha256"):
+        infer.Predictor(good / "model.onnx")
+    infer.Predictor(good / "model.onnx", verify_manifest=False)  # an explicit opt-out in the API
+    # a model renamed away from what the manifest lists: served, with a note
+    shutil.copy(src / "model.onnx", good / "renamed.onnx")
+    rc, out, err = run_infer([str(good / "renamed.onnx"), str(inputs / "d0.png")], capsys)
+    assert rc == 0 and "note:" in err and "was not checked" in err
+    # an unreadable manifest is an error, not silently ignored
+    (good / "manifest.json").write_text("{not json")
+    rc, out, err = run_infer([str(good / "renamed.onnx"), str(inputs / "d0.png")], capsys)
+    assert rc == 2 and "manifest.json" in err
+
+
+def test_model_without_manifest_uses_digit_labels(model_and_export, inputs, tmp_path, capsys):
+    import shutil
+
+    shutil.copy(model_and_export[1] / "model.onnx", tmp_path / "m.onnx")
+    rc, out, err = run_infer([str(tmp_path / "m.onnx"), str(inputs / "d0.png"), "--json"], capsys)
+    assert rc == 0
+    rec = json.loads(out)
+    assert rec["label"] == str(rec["class"])
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def test_bench_infer_smoke(onnx_path, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "l2fast.bench", "infer", "--model", str(onnx_path), "--iters", "30",
+                        "--rounds", "2", "--reps", "2", "--batch", "64", "--json", str(tmp_path / "b.json")],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PKG_ROOT)}, capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert {"eager PyTorch", "TorchScript", "onnxruntime run"} <= set(doc["results"])
+    for row in doc["results"].values():
+        assert row["p50_us"] > 0 and row["throughput_img_s"] > 0 and row["latency_samples"] == 60
+    assert "| eager PyTorch |" in r.stdout and "target onnxruntime batch-1 p50" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "l2fast.bench", "infer", "--model", str(tmp_path / "nope.onnx")],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PKG_ROOT)}, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not found" in r.stderr
