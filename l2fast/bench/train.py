@@ -44,8 +44,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: l2fast.train's, 1 on CPU; 0: torch's)")
     p.add_argument("--penalty", choices=PENALTIES, default="fused", help="l2fast side's penalty (default fused)")
-    p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default="fused",
-                   help="l2fast side's AdamW implementation (default fused, as l2fast.train)")
+    p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default="default",
+                   help="l2fast side's AdamW implementation (default: the notebook's, as l2fast.train)")
     p.add_argument("--l2-weight", type=float, default=DEFAULT_L2_WEIGHT)
     p.add_argument("--cuda-graphs", action="store_true", help="l2fast side as a replayed CUDA graph")
     args = p.parse_args(argv)
