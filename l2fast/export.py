@@ -25,7 +25,6 @@ checkpoint, unknown dataset, bad option).
 """
 import argparse
 import copy
-import hashlib
 import json
 import os
 import platform
@@ -39,6 +38,7 @@ import numpy as np
 
 from ._cli import CLIError, run
 from ._io import atomic_dir
+from .infer import sha256_file
 
 OPSET = 18
 INPUT_NAME = "image"
@@ -434,14 +434,6 @@ def verify(model, folder, images, labels=None, atol=PARITY_ATOL, jit_notes=None)
 # --------------------------------------------------------------------------------------------
 # the whole export
 # --------------------------------------------------------------------------------------------
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def versions():
     import onnx

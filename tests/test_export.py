@@ -21,28 +21,14 @@ ort = pytest.importorskip("onnxruntime")
 
 from l2fast import export as ex  # noqa: E402
 from l2fast.data import load_dataset  # noqa: E402
-from l2fast.idx import write_idx  # noqa: E402
+from l2fast.idx import write_idx
+from helpers import PKG_ROOT, TORCH_BLOCKER  # noqa: E402
 from l2fast.model import MLP  # noqa: E402
 
 import l2fast  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# Subprocesses import the same l2fast as this process: the source tree, or the installed package
-# (CI installs it, compiled extension included, and runs pytest from tests/).
-PKG_ROOT = Path(l2fast.__file__).resolve().parents[1]
 
-# Put first on PYTHONPATH: makes `import torch` (and anything under it) raise ImportError.
-TORCH_BLOCKER = textwrap.dedent("""
-    import sys
-
-    class _BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, _BlockTorch())
-""")
 
 
 def run_py(args, cwd=None, env_extra=None, pythonpath=(PKG_ROOT,), timeout=240):

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +15,9 @@ import pytest
 import l2fast
 from l2fast import infer
 from l2fast.idx import write_idx
+from helpers import PKG_ROOT, TORCH_BLOCKER
 
-# Subprocesses import the same l2fast as this process: the source tree, or the installed package.
-PKG_ROOT = Path(l2fast.__file__).resolve().parents[1]
 
-TORCH_BLOCKER = textwrap.dedent("""
-    import sys
-
-    class _BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, _BlockTorch())
-""")
 
 
 def run_py(args, cwd, block_torch=True, timeout=180):

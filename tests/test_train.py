@@ -16,9 +16,8 @@ from torchvision import transforms
 from l2fast import train as T
 from l2fast.data import load_dataset
 from l2fast.model import MLP
+from helpers import PKG_ROOT
 from test_data import corrupt, write_fake
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _extension_error():
@@ -37,7 +36,7 @@ needs_extension = pytest.mark.skipif(EXTENSION_ERROR is not None,
 
 def cli(args, cwd, check=True):
     """Run `python -m l2fast.train ARGS` in cwd; CompletedProcess with text output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PKG_ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
     if check and done.returncode != 0:
