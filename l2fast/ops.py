@@ -127,21 +127,8 @@ def _l2_penalty_inplace_fake(params, grads, weight, fresh=()):
     return _fake_value(op, params)
 
 
-def _save_params(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[0])
-    ctx.weight = inputs[1] if len(inputs) > 1 else 1.0
-
-
-def _sq_norm_backward(ctx, grad):
-    return list(torch.ops.l2fast.l2_penalty_backward(grad, list(ctx.saved_tensors), ctx.weight))
-
-
-def _l2_penalty_backward(ctx, grad):
-    return _sq_norm_backward(ctx, grad), None
-
-
-torch.library.register_autograd("l2fast::sq_norm", _sq_norm_backward, setup_context=_save_params)
-torch.library.register_autograd("l2fast::l2_penalty", _l2_penalty_backward, setup_context=_save_params)
+# sq_norm and l2_penalty get their autograd in C++ (csrc/autograd.cpp): a Python autograd.Function
+# would cost more than the kernels. Their backward, l2_penalty_backward, is differentiable here.
 
 
 def _backward_setup(ctx, inputs, output):
