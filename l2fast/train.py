@@ -39,6 +39,8 @@ PENALTIES = ("fused", "autograd", "reference")
 ADAMW_IMPLS = ("fused", "foreach", "default")
 LOG_LINE = "Loss after mini-batch %5d: %.5f (of which %.5f l2 loss)"  # the notebook's
 CUDA_GRAPH_WARMUP_STEPS = 3
+NOTEBOOK_LOG_EVERY = 500
+SHORT_EPOCH_LOG_EVERY = 25
 
 
 # ----------------------------------------------------------------------------- command line
@@ -95,8 +97,9 @@ def parse_args(argv=None):
     p.add_argument("--download", action="store_true", help="fetch the full dataset into --data-dir first")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: a new runs/<timestamp>)")
     p.add_argument("--metrics", type=Path, default=None, help="JSON Lines metrics (default <out>/metrics.jsonl)")
-    p.add_argument("--log-every", type=_positive_int, default=500,
-                   help="print and record the loss every N mini-batches (default 500, as the notebook)")
+    p.add_argument("--log-every", type=_positive_int, default=None,
+                   help=f"print and record the loss every N mini-batches (default {NOTEBOOK_LOG_EVERY}, as the "
+                        f"notebook; {SHORT_EPOCH_LOG_EVERY} when an epoch is shorter, e.g. the sample's 125 steps)")
     p.add_argument("--max-steps", type=_positive_int, default=None,
                    help="stop after this many steps in all (the last epoch is then partial)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -442,9 +445,12 @@ def train(args):
     n_train, batch = len(train_x), args.batch_size
     steps_per_epoch = math.ceil(n_train / batch)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    if args.log_every is None:  # the notebook's 500, unless an epoch would then print no line at all
+        args.log_every = NOTEBOOK_LOG_EVERY if steps_per_epoch >= NOTEBOOK_LOG_EVERY else SHORT_EPOCH_LOG_EVERY
     print(f"device: {device_name(device)}; penalty: {args.penalty}, l2 weight {args.l2_weight:g}; "
           f"AdamW ({args.adamw_impl}) lr {args.lr:g}, weight decay {optimizer.param_groups[0]['weight_decay']:g}; "
-          f"batch {batch}, {steps_per_epoch} steps/epoch, {total_steps} steps; output: {out}", flush=True)
+          f"batch {batch}, {steps_per_epoch} steps/epoch, {total_steps} steps, logged every {args.log_every}; "
+          f"output: {out}", flush=True)
 
     history = torch.zeros(total_steps, 3, device=device)  # every step's losses, read at the end
     records, done, train_seconds = [], 0, 0.0
