@@ -33,7 +33,9 @@ def _tensor_list(fn, name, tensors):
 
 
 def _on_kernel_device(params):
-    return bool(params) and isinstance(params[0], torch.Tensor) and params[0].device.type in _KERNEL_DEVICES
+    if not params or not isinstance(params[0], torch.Tensor):
+        return False
+    return params[0].is_cpu or (params[0].is_cuda and _BUILD_INFO["cuda"])
 
 
 def _weight(fn, weight):
