@@ -116,11 +116,19 @@ class BuildExtension(cpp_extension.BuildExtension):
         }
         text = '"""Written by setup.py at build time; checked by l2fast._extension at import."""\n'
         text += "".join(f"{k.upper()} = {v!r}\n" for k, v in info.items())
-        targets = [ROOT / "l2fast" / "_build_info.py"] if self.inplace else []
-        targets.append(Path(self.build_lib) / "l2fast" / "_build_info.py")
-        for target in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+        (Path(self.build_lib) / "l2fast").mkdir(parents=True, exist_ok=True)
+        (Path(self.build_lib) / "l2fast" / "_build_info.py").write_text(text)
+        # `python -m l2fast.train` run from the checkout imports ./l2fast, not the installed copy:
+        # give the checkout the same compiled _C (what `build_ext --inplace` does; both are gitignored).
+        try:
+            for ext in self.extensions:
+                built = Path(self.get_ext_fullpath(ext.name))
+                if not self.inplace:
+                    shutil.copyfile(built, ROOT / "l2fast" / built.name)
+            (ROOT / "l2fast" / "_build_info.py").write_text(text)
+        except OSError as e:
+            print(f"l2fast: could not copy the extension into the source tree ({e}); "
+                  "run commands from outside it", file=sys.stderr)
 
 
 setup(
