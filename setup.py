@@ -83,7 +83,7 @@ if cpu_capability == "AVX2":
     # at::vec's AVX2 Vectorized<T> lives in its own inline namespace, so this does not clash
     # with libtorch's copies; the import-time check refuses a CPU without AVX2.
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+nvcc_flags = ["-O3", "-lineinfo"]  # no --use_fast_math: it flushes float32 subnormals to zero
 
 sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
 sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))

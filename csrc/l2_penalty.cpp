@@ -1,5 +1,6 @@
 #include "l2_penalty.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace l2fast {
@@ -31,7 +32,8 @@ void validate(const char* op, at::TensorList params, const at::TensorList* grads
                      " but params[", i, "] has dtype ", p.scalar_type(), "; a grad must match its param's dtype");
     TORCH_CHECK_VALUE(g.sizes() == p.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but params[", i,
                       "] has shape ", p.sizes(), "; a grad must match its param's shape");
-    TORCH_CHECK_VALUE(!g.is_same(p), op, ": grads[", i, "] is params[", i, "] itself; expected a separate grad tensor");
+    TORCH_CHECK_VALUE(at::get_overlap_status(p, g) == at::MemOverlapStatus::No, op, ": grads[", i,
+                      "] shares memory with params[", i, "]; expected a separate grad tensor");
   }
   for (int64_t f : fresh) {
     TORCH_CHECK_INDEX(f >= 0 && f < static_cast<int64_t>(params.size()), op, ": fresh index ", f,

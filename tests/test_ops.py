@@ -314,6 +314,27 @@ class TestBadInput:
             l2fast.l2_penalty_([a, b, torch.ones(2, dtype=torch.int32)], 1.0)
         assert torch.equal(a.grad, torch.zeros(3)) and b.grad is None
 
+    def test_grad_sharing_its_params_memory(self):
+        p = torch.randn(6)
+        with pytest.raises(ValueError, match=r"grads\[0\] shares memory with params\[0\]"):
+            torch.ops.l2fast.l2_penalty_([p], [p.view(2, 3).view(6)], 1.0)
+
+    def test_grad_that_requires_grad(self):
+        p, g = torch.randn(3), torch.zeros(3, requires_grad=True)
+        with pytest.raises(ValueError, match=r"grads\[0\] requires grad"):
+            torch.ops.l2fast.l2_penalty_([p], [g], 1.0)
+        assert torch.equal(g.detach(), torch.zeros(3))
+
+    def test_written_grads_bump_their_version(self):
+        """Autograd must still catch a backward through a value the op overwrote."""
+        p, w = torch.randn(3), torch.randn(3, requires_grad=True)
+        g = torch.zeros(3)
+        y = (w * g).sum()  # saves g for backward
+        torch.ops.l2fast.l2_penalty_([p], [g], 1.0)
+        assert g._version > 0
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
     def test_mixed_devices(self):
         with pytest.raises(ValueError, match=r"params\[1\] is on meta but params\[0\] is on cpu"):
             torch.ops.l2fast.sq_norm([torch.randn(2), torch.randn(2, device="meta")])
@@ -370,16 +391,80 @@ class TestCudaKernel:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             value = torch.ops.l2fast.l2_penalty_(params, grads, 0.5)
-        for g in grads:
-            g.zero_()
+        values = []
+        for scale in (2.0, 3.0):  # new params between replays: a stale completion counter would show
+            for g in grads:
+                g.zero_()
+            for p in params:
+                p.mul_(scale)
+            graph.replay()
+            torch.cuda.synchronize()
+            values.append(value.item())
+            assert values[-1] == pytest.approx(0.5 * ref_sq_norm(params), rel=1e-6)
+            for p, g in zip(params, grads):
+                torch.testing.assert_close(g, p)
+        assert values[0] != values[1]
+
+    def test_cuda_graph_capture_with_fresh_grads(self):
+        params = [torch.randn(n, device="cuda") for n in (5000, 7)]
+        static_grads = []
+
+        def step():
+            for p in params:
+                p.grad = None
+            value = l2fast.l2_penalty_(params, 0.25)
+            static_grads[:] = [p.grad for p in params]
+            return value
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            value = step()
         for p in params:
-            p.mul_(2)
-        graph.replay()
+            p.add_(1.0)
         graph.replay()
         torch.cuda.synchronize()
-        assert value.item() == pytest.approx(0.5 * ref_sq_norm(params), rel=1e-6)
-        for p, g in zip(params, grads):
-            torch.testing.assert_close(g, 2 * p)
+        assert value.item() == pytest.approx(0.25 * ref_sq_norm(params), rel=1e-6)
+        for p, g in zip(params, static_grads):
+            torch.testing.assert_close(g, 0.5 * p)
+
+    @pytest.mark.parametrize("dtype", DTYPES)
+    @pytest.mark.parametrize("mode", ["value", "accumulate", "fresh"])
+    def test_unaligned_and_strided_match_cpu(self, dtype, mode):
+        """Views that defeat 16-byte loads take the element path; it must agree with the CPU."""
+        gen = torch.Generator().manual_seed(11)
+        n = 70_003  # not a multiple of any vector width, several chunks
+        # (storage, view): the views are taken on the device, so their pointers really are unaligned
+        base = [(torch.randn(n + 1, generator=gen), lambda t: t[1:]),
+                (torch.randn(2 * n, generator=gen), lambda t: t[::2]),
+                (torch.randn(n, generator=gen), lambda t: t)]
+        grads = [(torch.randn(n, generator=gen), lambda t: t),
+                 (torch.randn(n + 1, generator=gen), lambda t: t[1:]),
+                 (torch.randn(n + 3, generator=gen), lambda t: t[3:])]  # aligned p with an unaligned g, too
+        results = []
+        for device in ("cpu", "cuda"):
+            ps = [view(t.to(device=device, dtype=dtype)) for t, view in base]
+            if mode == "value":
+                results.append((l2fast.sq_norm(ps), []))
+                continue
+            gs = [view(t.to(device=device, dtype=dtype)) for t, view in grads]
+            fresh = list(range(len(ps))) if mode == "fresh" else []
+            results.append((torch.ops.l2fast.l2_penalty_(ps, gs, 0.3, fresh), gs))
+        (v_cpu, g_cpu), (v_gpu, g_gpu) = results
+        assert v_gpu.item() == pytest.approx(v_cpu.item(), rel=1e-5)
+        for a, b in zip(g_cpu, g_gpu):
+            torch.testing.assert_close(b.cpu(), a, rtol=RTOL[dtype], atol=1e-6)
+
+    def test_float32_subnormals_are_not_flushed(self):
+        tiny = torch.full((1000,), 1e-39, device="cuda")
+        assert l2fast.sq_norm([tiny.double()]).item() > 0
+        tiny.grad = torch.zeros_like(tiny)
+        l2fast.l2_penalty_([tiny], 1.0)
+        assert (tiny.grad != 0).all()
 
     def test_dtypes_match_cpu(self):
         gen = torch.Generator().manual_seed(3)

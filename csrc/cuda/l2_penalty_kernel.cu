@@ -56,7 +56,7 @@ __device__ acc_t block_sum(acc_t v) {
 }
 
 template <typename T, typename acc_t>
-__device__ __forceinline__ acc_t visit(T& x, T* g, int32_t mode, acc_t scale) {
+__device__ __forceinline__ acc_t visit(T x, T* g, int32_t mode, acc_t scale) {
   const acc_t v = static_cast<acc_t>(x);
   if (mode == 1) *g = static_cast<T>(static_cast<acc_t>(*g) + scale * v);
   if (mode == 2) *g = static_cast<T>(scale * v);
@@ -101,8 +101,10 @@ __device__ acc_t chunk_sum(const T* __restrict__ p, T* __restrict__ g, int64_t n
     done = nv * V;
   }
   for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    T x = p[i];
-    acc += visit(x, mode != 0 ? g + i : &x, mode, scale);
+    const acc_t v = static_cast<acc_t>(p[i]);
+    if (mode == 1) g[i] = static_cast<T>(static_cast<acc_t>(g[i]) + scale * v);
+    if (mode == 2) g[i] = static_cast<T>(scale * v);
+    acc += v * v;
   }
   return acc;
 }
@@ -170,9 +172,25 @@ int32_t dtype_code(at::ScalarType t) {
   }
 }
 
-// Host tables used by copies captured into CUDA graphs must outlive the graph: keep them.
+bool capturing() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+}
+
+// A pinned allocation may query events left by earlier copies, which a "global" capture forbids on
+// torch versions whose host allocator is not capture-aware: allocate in relaxed mode while capturing.
+at::Tensor pinned_bytes(int64_t n) {
+  const bool cap = capturing();
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cap) C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  if (cap) C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  return t;
+}
+
+// A graph's copy node re-reads its host table at every replay, so the table must outlive the graph.
+// Recent torch keeps pinned blocks used during capture itself; older ones may reuse them: keep them.
 void keep_alive_if_capturing(const at::Tensor& host_table) {
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) return;
+  if (!capturing()) return;
   static std::mutex mu;
   static std::vector<at::Tensor> kept;
   std::lock_guard<std::mutex> lock(mu);
@@ -186,7 +204,7 @@ at::Tensor run_cuda(const Plan& plan, double weight, const at::Tensor* grad_out,
   const int64_t table_bytes = ntensors * static_cast<int64_t>(sizeof(TensorMeta));
   const int64_t head_bytes = table_bytes + 16;
 
-  at::Tensor host = at::empty({head_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host = pinned_bytes(head_bytes);
   auto* table = reinterpret_cast<TensorMeta*>(host.data_ptr());
   int64_t nchunks = 0;
   for (int i = 0; i < ntensors; ++i) {
