@@ -64,14 +64,13 @@ def l2_penalty_(params, weight):
     None gets a fresh grad of 2 * weight * p. The returned value is detached. On bad input
     (mixed devices, a grad of the wrong shape/dtype/device, ...) it raises and modifies nothing.
     """
-    # The per-call Python here is kept to a minimum: at the seed MLP's size it is most of the cost.
+    # The per-call Python here is kept to a minimum: at the seed MLP's size it is ~2 of 13 µs.
     if type(params) is not list or not _on_kernel_device(params):
         params = _tensor_list("l2_penalty_", "params", params)
     grads = [p.grad for p in params]
     fresh = [i for i, g in enumerate(grads) if g is None]
-    if fresh:
-        for i in fresh:
-            grads[i] = torch.empty_like(params[i])
+    for i in fresh:
+        grads[i] = torch.empty_like(params[i])
     try:
         value = _l2_penalty_inplace(params, grads, weight, fresh)
     except (RuntimeError, TypeError, ValueError):

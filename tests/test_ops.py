@@ -218,6 +218,7 @@ class TestL2PenaltyInplace:
         grads = [torch.randn_like(p) for p in params]
         torch.library.opcheck(torch.ops.l2fast.l2_penalty_.default, (params, grads, 0.5, [1]))
 
+    @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # still supported
     def test_torchscript(self, device):
         @torch.jit.script
         def step(params: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
