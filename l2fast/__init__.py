@@ -1,9 +1,11 @@
 """l2fast: the L2 (ridge) penalty over all parameters and its gradient, fused into one pass.
 
 Importing `l2fast` does not import torch: `l2fast.infer` serves ONNX models with onnxruntime
-alone. The torch API below (and the `torch.ops.l2fast.*` ops) loads on first use, or with
-`import l2fast.ops`.
+alone. The ops (`torch.ops.l2fast.*`) are registered by `import l2fast` when torch is already
+imported, else on first use of the API below, or with `import l2fast.ops`.
 """
+
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -12,11 +14,22 @@ _OPS_API = ("sq_norm", "l2_penalty", "l2_penalty_", "build_info")
 __all__ = list(_OPS_API)
 
 
+def _load_ops():
+    from . import ops
+
+    # Bind them as plain module attributes: later look-ups then skip __getattr__ (~1 µs each).
+    globals().update({api: getattr(ops, api) for api in _OPS_API})
+
+
 def __getattr__(name):
     if name in _OPS_API:
-        from . import ops
-
-        # Bind them as plain module attributes: later look-ups then skip this hook (~1 µs each).
-        globals().update({api: getattr(ops, api) for api in _OPS_API})
+        _load_ops()
         return globals()[name]
     raise AttributeError(f"module 'l2fast' has no attribute {name!r}")
+
+
+if "torch" in _sys.modules:  # torch is loaded anyway: register torch.ops.l2fast.* now
+    try:
+        _load_ops()
+    except ImportError:  # not built, or built for another torch: the API raises that on first use
+        pass

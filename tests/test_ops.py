@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import l2fast
+import l2fast.ops  # noqa: F401  (registers torch.ops.l2fast.*)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 RTOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}
