@@ -14,7 +14,11 @@ def main(argv=None):
     if not argv or argv[0] not in BENCHMARKS:
         lines = "\n".join(f"  {name:8s} {what}" for name, what in BENCHMARKS.items())
         print(f"usage: python -m l2fast.bench {{{','.join(BENCHMARKS)}}} [options]\n{lines}", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        if argv[:1] in (["-h"], ["--help"]):
+            return 0
+        what = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
+        print(f"error: {what}; expected one of {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"l2fast.bench.{argv[0]}")
     return module.main(argv[1:])
 
