@@ -490,3 +490,30 @@ class TestCudaKernel:
         value = l2fast.l2_penalty_([p], 0.5)
         assert value.item() == torch.tensor(0.5 * (n + 3 * 4099), dtype=torch.float32).item()
         assert p.grad[0].item() == 1.0 and p.grad[-1].item() == 2.0
+
+
+class TestExtensionLoading:
+    """torchao-style: a missing or mismatched _C is refused with a message that says how to rebuild."""
+
+    def test_built_for_another_torch(self, monkeypatch):
+        from l2fast import _build_info, _extension
+
+        monkeypatch.setattr(_build_info, "TORCH_VERSION", "1.0.0")
+        with pytest.raises(ImportError, match=r"built against torch 1\.0\.0 but torch .* is installed.*"
+                                              r"pip install --no-build-isolation --force-reinstall --no-deps \."):
+            _extension.load()
+
+    def test_not_built(self, monkeypatch):
+        import sys
+
+        from l2fast import _extension
+
+        monkeypatch.delattr(l2fast, "_build_info")
+        monkeypatch.setitem(sys.modules, "l2fast._build_info", None)  # makes its import fail
+        with pytest.raises(ImportError, match=r"l2fast\._C\) is not built: install the package with `pip install \.`"):
+            _extension.load()
+
+    def test_build_info(self):
+        info = l2fast.build_info()
+        assert info["torch_version"] == torch.__version__
+        assert set(info) == {"torch_version", "cuda", "cuda_version", "cuda_arch_list", "cpu_capability"}
