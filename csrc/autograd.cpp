@@ -1,8 +1,9 @@
-// Autograd for sq_norm and l2_penalty in C++: a Python autograd.Function costs ~150 µs per
-// forward+backward, ten times the fused kernels at the seed MLP's size.
+// The Autograd kernels, in C++: a Python autograd.Function costs ~150 µs per forward+backward of
+// sq_norm/l2_penalty, ten times the fused kernels at the seed MLP's size.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 namespace l2fast {
@@ -51,6 +52,29 @@ struct L2Penalty : public torch::autograd::Function<L2Penalty> {
 TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
   m.impl("sq_norm", [](at::TensorList t) { return L2Penalty::apply(t, 1.0, true); });
   m.impl("l2_penalty", [](at::TensorList p, double w) { return L2Penalty::apply(p, w, false); });
+
+  // l2_penalty_ is not differentiable (its value is detached and grads are plain buffers). An explicit
+  // Autograd kernel skips the boxed "autograd not implemented" fallback, which costs more per call than
+  // the whole seed-MLP-sized kernel; it must then do that fallback's other jobs itself: refuse grads that
+  // are part of an autograd graph, and bump the version counters of the grads it writes so that autograd
+  // still catches a later backward through a value it overwrote.
+  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef fresh) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("l2fast::l2_penalty_", "")
+                               .typed<at::Tensor(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
+    for (size_t i = 0; i < g.size(); ++i) {
+      TORCH_CHECK_VALUE(!(g[i].defined() && g[i].requires_grad()), "l2fast.l2_penalty_: grads[", i,
+                        "] requires grad; expected plain gradient buffers (the op writes them in place, "
+                        "outside autograd)");
+    }
+    at::Tensor value;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      value = op.call(p, g, w, fresh);
+    }
+    for (const at::Tensor& t : g) torch::autograd::impl::bump_version(t);
+    return value;
+  });
 }
 
 }  // namespace l2fast

@@ -1,7 +1,6 @@
 // Op schemas (backend-independent) and the Python module that loading the library needs.
 #include <Python.h>
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -51,30 +50,5 @@ TORCH_LIBRARY_IMPL(l2fast, CompositeExplicitAutograd, m) {
   });
   m.impl("l2_penalty_", [](at::TensorList p, at::TensorList, double, at::IntArrayRef) {
     return zero_if_empty("l2fast.l2_penalty_", p);
-  });
-}
-
-// l2_penalty_ is not differentiable (its value is detached and grads are plain buffers). An explicit
-// Autograd kernel skips the boxed "autograd not implemented" fallback, which costs more per call than
-// the whole seed-MLP-sized kernel; it must then do that fallback's other jobs itself: refuse grads that
-// are part of an autograd graph, and bump the version counters of the grads it writes so that autograd
-// still catches a later backward through a value it overwrote.
-TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
-  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef fresh) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("l2fast::l2_penalty_", "")
-                               .typed<at::Tensor(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
-    for (size_t i = 0; i < g.size(); ++i) {
-      TORCH_CHECK_VALUE(!(g[i].defined() && g[i].requires_grad()), "l2fast.l2_penalty_: grads[", i,
-                        "] requires grad; expected plain gradient buffers (the op writes them in place, "
-                        "outside autograd)");
-    }
-    at::Tensor value;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      value = op.call(p, g, w, fresh);
-    }
-    for (const at::Tensor& t : g) torch::autograd::impl::bump_version(t);
-    return value;
   });
 }
