@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -438,12 +437,10 @@ def verify(model, folder, images, labels=None, atol=PARITY_ATOL, jit_notes=None)
 def versions():
     import onnx
     import onnxruntime
-    import torch
 
-    from . import __version__
+    from .train import versions as training_versions
 
-    v = {"l2fast": __version__, "python": platform.python_version(), "torch": torch.__version__,
-         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    v = {**training_versions(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
     try:
         import onnxscript
 

@@ -25,7 +25,7 @@ def _tensor_list(fn, name, tensors):
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"l2fast.{fn}: {name}[{i}] is a {type(t).__name__}; expected a torch.Tensor")
-    if tensors and tensors[0].device.type not in _KERNEL_DEVICES:
+    if tensors and not _on_kernel_device(tensors):
         hint = "" if _BUILD_INFO["cuda"] else " (this build has no CUDA kernels: rebuild where nvcc is available)"
         raise ValueError(f"l2fast.{fn}: {name}[0] is on {tensors[0].device}; l2fast has kernels for "
                          f"{' and '.join(_KERNEL_DEVICES)} tensors only{hint}")

@@ -25,8 +25,6 @@ from l2fast.idx import write_idx
 from helpers import PKG_ROOT, TORCH_BLOCKER  # noqa: E402
 from l2fast.model import MLP  # noqa: E402
 
-import l2fast  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 
 

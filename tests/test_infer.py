@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import l2fast
 from l2fast import infer
 from l2fast.idx import write_idx
 from helpers import PKG_ROOT, TORCH_BLOCKER
