@@ -15,10 +15,10 @@ __all__ = list(_OPS_API)
 
 
 def _load_ops():
-    from . import ops
+    from . import functional, ops
 
     # Bind them as plain module attributes: later look-ups then skip __getattr__ (~1 µs each).
-    globals().update({api: getattr(ops, api) for api in _OPS_API})
+    globals().update({api: getattr(functional if hasattr(functional, api) else ops, api) for api in _OPS_API})
 
 
 def __getattr__(name):

@@ -1,18 +1,49 @@
-"""Shared CLI plumbing: user mistakes exit with code 2 and a one-line message, no traceback."""
+"""The one place where CLIs turn library exceptions into a one-line message and an exit code."""
 import sys
 
+from .errors import L2fastError, UsageError
 
-class CLIError(Exception):
-    """A usage or data error: the message says what was wrong, where, and what was expected."""
+# Kept for callers of round 1: a usage error raised by CLI code.
+CLIError = UsageError
+
+
+def error(message, file=None):
+    """Print `error: <message>` on one line (newlines and runs of spaces folded) to stderr."""
+    print("error: " + " ".join(str(message).split()), file=file or sys.stderr, flush=True)
 
 
 def run(main, argv=None, user_errors=()):
-    """Call main(argv); CLIError and the given exception types become `error: ...` and exit 2."""
+    """Call main(argv) and return its exit code.
+
+    An L2fastError becomes `error: ...` and its exit_code (2 for usage and data errors, 1 for
+    failures); an OSError on a user-given path becomes `error: ...` and exit 2; Ctrl-C exits
+    130; a reader that left a pipe (`... | head`) exits 1 quietly. Anything else is a bug and
+    keeps its traceback.
+    """
     try:
         return main(argv)
-    except (CLIError, *user_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except tuple(user_errors) as e:  # round-1 callers; L2fastError subclasses need no listing
+        error(e)
+        return 2
+    except L2fastError as e:
+        error(e)
+        return e.exit_code
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            return _broken_pipe()
+        where = f"{e.filename}: " if e.filename else ""
+        error(f"{where}{e.strerror or e}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _broken_pipe():
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
+    return 1

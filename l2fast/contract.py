@@ -1,0 +1,127 @@
+"""The serving contract between export and inference, torch-free: one definition of each.
+
+Export writes it (model.onnx's input/output, manifest.json), inference reads it. Names, the image
+shape and dtype, the labels, the artifact file names, the preprocessing, the manifest and the
+sha256 of an artifact live here and nowhere else.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, ModelError
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+IMAGE_SIZE = 28
+IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)  # one image as the model takes it: [1, 28, 28]
+N_CLASSES = 10
+MNIST_LABELS = [str(d) for d in range(N_CLASSES)]  # what the model's logits mean by default
+
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+PT2_FILE = "model.pt2"
+MANIFEST_FILE = "manifest.json"
+ARTIFACTS = (ONNX_FILE, TORCHSCRIPT_FILE, PT2_FILE)
+MANIFEST_FORMAT = 1
+
+PREPROCESSING = {
+    "description": ("A raw image is a 28x28 grayscale uint8 array, 0..255, white digit (255) on a black "
+                    "background (0), as in MNIST. Convert to float32, divide by 255 (no mean/std "
+                    "normalization) and reshape to [N, 1, 28, 28]."),
+    "source": {"dtype": "uint8", "shape": [IMAGE_SIZE, IMAGE_SIZE], "range": [0, 255],
+               "foreground": "white (high values)", "background": "black (0)"},
+    "steps": ["x = image.astype(float32) / 255", "x = x.reshape(N, 1, 28, 28)"],
+    "scale": 1.0 / 255.0,
+    "normalization": None,
+    "images_of_other_sizes": ("python -m l2fast.infer converts PNG/JPEG files: grayscale, invert if the "
+                              "background is light, fit the digit's bounding box into 20x20 keeping "
+                              "aspect and center it by center of mass in 28x28 (MNIST's recipe)"),
+}
+
+_EXPECTED_BATCH = "[28,28], [N,28,28] or [N,1,28,28] images, uint8 0..255 or float 0..1"
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_model_input(images, name="images"):
+    """Images -> float32 [N, 1, 28, 28] in [0, 1], the model's input; the documented preprocessing.
+
+    Accepts one image [28, 28] or a batch [N, 28, 28] / [N, 1, 28, 28], uint8 in 0..255 (divided by
+    255) or float16/32/64 in [0, 1]. Raises InputError naming `name` and what was expected.
+    """
+    array = np.asarray(images)
+    if array.ndim == 2 and array.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        array = array[None]
+    ok_shape = (array.ndim == 3 and array.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)) or \
+               (array.ndim == 4 and array.shape[1:] == IMAGE_SHAPE)
+    if not ok_shape:
+        raise InputError(f"{name}: shape {list(array.shape)} {array.dtype}, expected {_EXPECTED_BATCH}")
+    if array.dtype == np.uint8:
+        x = array.astype(np.float32)
+        x *= np.float32(1.0 / 255.0)
+    elif array.dtype in (np.float16, np.float32, np.float64):
+        x = array.astype(np.float32, copy=False)
+        if x.size and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+            finite = np.isfinite(x)
+            lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (float("nan"),) * 2
+            raise InputError(f"{name}: float values span [{lo:g}, {hi:g}]"
+                             f"{' with NaN/inf' if not finite.all() else ''}, expected {_EXPECTED_BATCH}")
+    else:
+        raise InputError(f"{name}: dtype {array.dtype} (shape {list(array.shape)}), expected {_EXPECTED_BATCH}")
+    return np.ascontiguousarray(x.reshape(len(x), *IMAGE_SHAPE))
+
+
+def manifest_path(model_path):
+    return Path(model_path).parent / MANIFEST_FILE
+
+
+def write_manifest(folder, manifest):
+    """Write `manifest` as folder/manifest.json (the caller publishes the folder atomically)."""
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(model_path):
+    """The manifest beside a model file, its sha256 checked: (manifest or None, note or None).
+
+    None when there is no manifest. The note explains a check that could not be made. Raises
+    ModelError when the manifest is unreadable or the model file does not match it.
+    """
+    model_path = Path(model_path)
+    mpath = manifest_path(model_path)
+    if not mpath.is_file():
+        return None, None
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        artifacts = manifest["artifacts"]
+        if not isinstance(artifacts, dict):
+            raise TypeError("artifacts is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{mpath}: not a readable l2fast export manifest ({e}); "
+                         f"remove it or re-export with python -m l2fast.export") from None
+    entry = artifacts.get(model_path.name)
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        return manifest, f"{mpath} lists no {model_path.name}; its sha256 was not checked"
+    actual = sha256_file(model_path)
+    if actual != entry["sha256"]:
+        raise ModelError(f"{model_path}: sha256 {actual[:16]}... does not match {mpath.name}'s "
+                         f"{str(entry['sha256'])[:16]}...: the file is corrupted or was replaced "
+                         f"(re-export it with python -m l2fast.export)")
+    return manifest, None
+
+
+def labels_from_manifest(manifest, n_classes):
+    """The manifest's class labels when they fit the model's outputs, else the class indices."""
+    classes = (manifest or {}).get("classes")
+    if isinstance(classes, list) and len(classes) == n_classes:
+        return [str(c) for c in classes]
+    return [str(i) for i in range(n_classes)]
