@@ -156,7 +156,7 @@ def reference_l2(params, weight):
 def _l2fast_ops():
     """The compiled op API; a CLIError with a hint when the extension cannot be loaded."""
     try:
-        from . import ops
+        from . import functional as ops
         ops.l2_penalty_  # noqa: B018  (loads the extension where that is lazy)
         return ops
     except Exception as e:  # noqa: BLE001  (ImportError, OSError from dlopen, RuntimeError)
