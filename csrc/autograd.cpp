@@ -1,10 +1,12 @@
-// The Autograd kernels, in C++: a Python autograd.Function costs ~150 µs per forward+backward of
-// sq_norm/l2_penalty, ten times the fused kernels at the seed MLP's size.
+// The Autograd and ADInplaceOrView kernels, in C++: a Python autograd.Function costs ~150 µs per
+// forward+backward of sq_norm/l2_penalty, ten times the fused kernels at the seed MLP's size.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 namespace l2fast {
 namespace {
@@ -12,37 +14,46 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor penalty_below_autograd(at::TensorList params, double weight, bool is_sq_norm) {
-  static const auto sq_norm = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("l2fast::sq_norm", "")
-                                  .typed<at::Tensor(at::TensorList)>();
-  static const auto l2_penalty = c10::Dispatcher::singleton()
-                                     .findSchemaOrThrow("l2fast::l2_penalty", "")
-                                     .typed<at::Tensor(at::TensorList, double)>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return is_sq_norm ? sq_norm.call(params) : l2_penalty.call(params, weight);
+std::optional<std::vector<double>> saved_weights(AutogradContext* ctx) {
+  const c10::IValue& w = ctx->saved_data["weights"];
+  if (w.isNone()) return std::nullopt;
+  return w.toDoubleVector();
 }
 
-// grads_i = 2 * weight * grad * p_i: one fused kernel (and differentiable again, see l2fast/ops.py).
-std::vector<at::Tensor> penalty_backward(const at::Tensor& grad, at::TensorList params, double weight) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("l2fast::l2_penalty_backward", "")
-                             .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList, double)>();
-  return op.call(grad, params, weight);
+// d/dp_i of weight * sum_i w_i ||p_i||^2, times grad: one fused kernel (differentiable again, see
+// l2fast/ops.py).
+variable_list penalty_grads(AutogradContext* ctx, const at::Tensor& grad, double weight,
+                            const std::optional<std::vector<double>>& weights) {
+  return l2_penalty_backward(grad, ctx->get_saved_variables(), weight,
+                             weights ? Weights(*weights) : Weights(std::nullopt));
 }
 
-struct L2Penalty : public torch::autograd::Function<L2Penalty> {
-  static at::Tensor forward(AutogradContext* ctx, at::TensorList params, double weight, bool is_sq_norm) {
-    ctx->save_for_backward(params.vec());
-    ctx->saved_data["weight"] = weight;
-    return penalty_below_autograd(params, weight, is_sq_norm);
+struct SqNorm : public torch::autograd::Function<SqNorm> {
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList tensors) {
+    ctx->save_for_backward(tensors.vec());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return sq_norm(tensors);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list grads = penalty_backward(grad_outputs[0], ctx->get_saved_variables(),
-                                           ctx->saved_data["weight"].toDouble());
+    return penalty_grads(ctx, grad_outputs[0], 1.0, std::nullopt);
+  }
+};
+
+struct L2Penalty : public torch::autograd::Function<L2Penalty> {
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList params, double weight, Weights weights) {
+    ctx->save_for_backward(params.vec());
+    ctx->saved_data["weight"] = weight;
+    ctx->saved_data["weights"] = weights ? c10::IValue(weights->vec()) : c10::IValue();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return l2_penalty(params, weight, weights);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads =
+        penalty_grads(ctx, grad_outputs[0], ctx->saved_data["weight"].toDouble(), saved_weights(ctx));
     grads.emplace_back();  // weight
-    grads.emplace_back();  // is_sq_norm
+    grads.emplace_back();  // weights
     return grads;
   }
 };
@@ -50,27 +61,40 @@ struct L2Penalty : public torch::autograd::Function<L2Penalty> {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
-  m.impl("sq_norm", [](at::TensorList t) { return L2Penalty::apply(t, 1.0, true); });
-  m.impl("l2_penalty", [](at::TensorList p, double w) { return L2Penalty::apply(p, w, false); });
+  m.impl("sq_norm", [](at::TensorList t) { return SqNorm::apply(t); });
+  m.impl("l2_penalty", [](at::TensorList p, double w, Weights ws) { return L2Penalty::apply(p, w, ws); });
 
   // l2_penalty_ is not differentiable (its value is detached and grads are plain buffers). An explicit
   // Autograd kernel skips the boxed "autograd not implemented" fallback, which costs more per call than
-  // the whole seed-MLP-sized kernel; it must then do that fallback's other jobs itself: refuse grads that
-  // are part of an autograd graph, and bump the version counters of the grads it writes so that autograd
-  // still catches a later backward through a value it overwrote.
-  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef fresh) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("l2fast::l2_penalty_", "")
-                               .typed<at::Tensor(at::TensorList, at::TensorList, double, at::IntArrayRef)>();
+  // the whole seed-MLP-sized kernel; it must then refuse grads that are part of an autograd graph.
+  m.impl("l2_penalty_", [](c10::DispatchKeySet ks, at::TensorList p, at::TensorList g, double w,
+                           at::IntArrayRef fresh, Weights ws) {
     for (size_t i = 0; i < g.size(); ++i) {
       TORCH_CHECK_VALUE(!(g[i].defined() && g[i].requires_grad()), "l2fast.l2_penalty_: grads[", i,
                         "] requires grad; expected plain gradient buffers (the op writes them in place, "
                         "outside autograd)");
     }
+    at::AutoDispatchBelowAutograd guard;
+    return l2_penalty_redispatch(ks & c10::after_autograd_keyset, p, g, w, fresh, ws);
+  });
+}
+
+// The version counters of the grads it writes are bumped here, where native in-place ops bump theirs,
+// so that autograd still catches a later backward through a value it overwrote: this key runs in
+// every mode, torch.inference_mode() included, where the Autograd kernel above is skipped.
+TORCH_LIBRARY_IMPL(l2fast, ADInplaceOrView, m) {
+  m.impl("l2_penalty_", [](c10::DispatchKeySet ks, at::TensorList p, at::TensorList g, double w,
+                           at::IntArrayRef fresh, Weights ws) {
+    if (!c10::InferenceMode::is_enabled()) {
+      for (size_t i = 0; i < g.size(); ++i) {
+        TORCH_CHECK(!g[i].is_inference(), "l2fast.l2_penalty_: grads[", i, "] is an inference tensor; it may "
+                    "only be updated in place inside torch.inference_mode()");
+      }
+    }
     at::Tensor value;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      value = op.call(p, g, w, fresh);
+      value = l2_penalty_redispatch(ks & c10::after_ADInplaceOrView_keyset, p, g, w, fresh, ws);
     }
     for (const at::Tensor& t : g) torch::autograd::impl::bump_version(t);
     return value;

@@ -4,7 +4,10 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
 #include <vector>
+
+#include "ops.h"
 
 namespace l2fast {
 
@@ -12,12 +15,16 @@ enum class GradMode : int32_t {
   kNone = 0,        // read p only
   kAccumulate = 1,  // g += scale * p
   kWrite = 2,       // g  = scale * p (a fresh grad)
+  kZero = 3,        // g  = 0, p not read (a fresh grad whose tensor weight is 0)
 };
 
 struct Segment {
-  at::Tensor p;  // dense, non-overlapping, numel > 0
-  at::Tensor g;  // undefined for kNone; else same dtype and strides as p
+  at::Tensor p;  // dense, numel > 0; undefined for kZero
+  at::Tensor g;  // undefined for kNone; else dense, and for kAccumulate/kWrite with p's strides
   GradMode mode;
+  double w;      // the tensor's weight multiplier (never 0 except for kZero)
+
+  int64_t numel() const { return p.defined() ? p.numel() : g.numel(); }
 };
 
 struct Plan {
@@ -31,17 +38,23 @@ struct Plan {
   void finish() const;
 };
 
-// What a backend kernel does with a plan: returns weight * sum(p^2) as a 0-dim acc_dtype tensor
-// (when `reduce`), and writes each segment's grad with scale = 2 * weight * (*grad_out if given).
+// What a backend kernel does with a plan: returns weight * sum_s w_s * sum(p_s^2) as a 0-dim
+// acc_dtype tensor (when `reduce`), and writes each segment's grad with
+// scale = 2 * weight * w_s * (*grad_out if given).
 using RunKernel = at::Tensor (*)(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce);
 
-// The ops, written once over a backend's kernel. `op` names the op in error messages.
+// Rejects a tensor that is not dense (sparse, mkldnn, ...) or is quantized, naming its layout.
+void check_layout(const char* op, const char* name, size_t i, const at::Tensor& t);
+// Rejects a non-finite `weight`, a `weights` list whose length is not n, or a non-finite entry.
+void check_weights(const char* op, double weight, Weights weights, size_t n);
+
+// The ops, written once over a backend's kernel.
 at::Tensor sq_norm_impl(at::TensorList tensors, RunKernel run);
-at::Tensor l2_penalty_impl(at::TensorList params, double weight, RunKernel run);
+at::Tensor l2_penalty_impl(at::TensorList params, double weight, Weights weights, RunKernel run);
 std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::TensorList params, double weight,
-                                                 RunKernel run);
+                                                 Weights weights, RunKernel run);
 at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, double weight,
-                                   at::IntArrayRef fresh, RunKernel run);
+                                   at::IntArrayRef fresh, Weights weights, RunKernel run);
 
 }  // namespace l2fast
 
@@ -53,12 +66,12 @@ namespace l2fast {
 template <RunKernel run>
 void register_kernels(torch::Library& m) {
   m.impl("sq_norm", [](at::TensorList t) { return sq_norm_impl(t, run); });
-  m.impl("l2_penalty", [](at::TensorList p, double w) { return l2_penalty_impl(p, w, run); });
-  m.impl("l2_penalty_backward", [](const at::Tensor& g, at::TensorList p, double w) {
-    return l2_penalty_backward_impl(g, p, w, run);
+  m.impl("l2_penalty", [](at::TensorList p, double w, Weights ws) { return l2_penalty_impl(p, w, ws, run); });
+  m.impl("l2_penalty_backward", [](const at::Tensor& g, at::TensorList p, double w, Weights ws) {
+    return l2_penalty_backward_impl(g, p, w, ws, run);
   });
-  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef fresh) {
-    return l2_penalty_inplace_impl(p, g, w, fresh, run);
+  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef fresh, Weights ws) {
+    return l2_penalty_inplace_impl(p, g, w, fresh, ws, run);
   });
 }
 

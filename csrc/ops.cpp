@@ -1,6 +1,11 @@
-// Op schemas (backend-independent) and the Python module that loading the library needs.
+// Op schemas (backend-independent), their typed C++ handles, and the Python module that loading
+// the library needs.
+#include "ops.h"
+
+#include "l2_penalty.h"
+
 #include <Python.h>
-#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 extern "C" {
@@ -12,19 +17,53 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(l2fast, m) {
-  // sum(x^2) over every element of every tensor; float64 if any input is float64, else float32.
   m.def("sq_norm(Tensor[] tensors) -> Tensor");
-  // weight * sum(p^2); differentiable (see l2fast/ops.py).
-  m.def("l2_penalty(Tensor[] params, float weight) -> Tensor");
-  // grads[i] = 2 * weight * grad * params[i], in one multi-tensor kernel.
-  m.def("l2_penalty_backward(Tensor grad, Tensor[] params, float weight) -> Tensor[]");
-  // grads[i] += 2 * weight * params[i] (or = for the indices in `fresh`) and returns weight * sum(p^2),
-  // reading each param once.
-  m.def("l2_penalty_(Tensor[] params, Tensor(a!)[] grads, float weight, int[] fresh=[]) -> Tensor");
+  m.def("l2_penalty(Tensor[] params, float weight, float[]? weights=None) -> Tensor");
+  m.def("l2_penalty_backward(Tensor grad, Tensor[] params, float weight, float[]? weights=None) -> Tensor[]");
+  // Reads each param once; see ops.h for what each op computes.
+  m.def("l2_penalty_(Tensor[] params, Tensor(a!)[] grads, float weight, int[] fresh=[], "
+        "float[]? weights=None) -> Tensor");
 }
 
-// Reached only when no backend kernel applies: an empty tensor list (no device to dispatch on) or
-// tensors on a device l2fast has no kernel for.
+namespace l2fast {
+
+template <typename Schema>
+static c10::TypedOperatorHandle<Schema> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Schema>();
+}
+
+at::Tensor sq_norm(at::TensorList tensors) {
+  static const auto op = handle<decltype(sq_norm)>("l2fast::sq_norm");
+  return op.call(tensors);
+}
+
+at::Tensor l2_penalty(at::TensorList params, double weight, Weights weights) {
+  static const auto op = handle<decltype(l2_penalty)>("l2fast::l2_penalty");
+  return op.call(params, weight, weights);
+}
+
+std::vector<at::Tensor> l2_penalty_backward(const at::Tensor& grad, at::TensorList params, double weight,
+                                            Weights weights) {
+  static const auto op = handle<decltype(l2_penalty_backward)>("l2fast::l2_penalty_backward");
+  return op.call(grad, params, weight, weights);
+}
+
+at::Tensor l2_penalty_(at::TensorList params, at::TensorList grads, double weight, at::IntArrayRef fresh,
+                       Weights weights) {
+  static const auto op = handle<decltype(l2_penalty_)>("l2fast::l2_penalty_");
+  return op.call(params, grads, weight, fresh, weights);
+}
+
+at::Tensor l2_penalty_redispatch(c10::DispatchKeySet ks, at::TensorList params, at::TensorList grads, double weight,
+                                 at::IntArrayRef fresh, Weights weights) {
+  static const auto op = handle<decltype(l2_penalty_)>("l2fast::l2_penalty_");
+  return op.redispatch(ks, params, grads, weight, fresh, weights);
+}
+
+}  // namespace l2fast
+
+// Reached only when no backend kernel applies: an empty tensor list (no device to dispatch on),
+// sparse or quantized tensors, or tensors on a device l2fast has no kernel for.
 namespace {
 
 #ifdef WITH_CUDA
@@ -33,7 +72,17 @@ constexpr const char* kKernelDevices = "cpu and cuda";
 constexpr const char* kKernelDevices = "cpu (this build has no CUDA kernels)";
 #endif
 
-at::Tensor zero_if_empty(const char* op, at::TensorList params) {
+void refuse_unsupported(const char* op, const char* name, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].defined()) l2fast::check_layout(op, name, i, tensors[i]);
+  }
+}
+
+at::Tensor zero_if_empty(const char* op, at::TensorList params, double weight = 1.0, l2fast::Weights weights = {},
+                         at::TensorList grads = {}) {
+  l2fast::check_weights(op, weight, weights, params.size());
+  refuse_unsupported(op, "params", params);
+  refuse_unsupported(op, "grads", grads);
   TORCH_CHECK_NOT_IMPLEMENTED(params.empty(), op, ": params[0] is on ", params[0].device(),
                               "; l2fast has kernels for ", kKernelDevices, " tensors only");
   return at::zeros({}, at::kFloat);
@@ -42,13 +91,16 @@ at::Tensor zero_if_empty(const char* op, at::TensorList params) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(l2fast, CompositeExplicitAutograd, m) {
+  using l2fast::Weights;
   m.impl("sq_norm", [](at::TensorList t) { return zero_if_empty("l2fast.sq_norm", t); });
-  m.impl("l2_penalty", [](at::TensorList p, double) { return zero_if_empty("l2fast.l2_penalty", p); });
-  m.impl("l2_penalty_backward", [](const at::Tensor&, at::TensorList p, double) {
-    zero_if_empty("l2fast.l2_penalty_backward", p);
+  m.impl("l2_penalty", [](at::TensorList p, double w, Weights ws) {
+    return zero_if_empty("l2fast.l2_penalty", p, w, ws);
+  });
+  m.impl("l2_penalty_backward", [](const at::Tensor&, at::TensorList p, double w, Weights ws) {
+    zero_if_empty("l2fast.l2_penalty_backward", p, w, ws);
     return std::vector<at::Tensor>();
   });
-  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList, double, at::IntArrayRef) {
-    return zero_if_empty("l2fast.l2_penalty_", p);
+  m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef, Weights ws) {
+    return zero_if_empty("l2fast.l2_penalty_", p, w, ws, g);
   });
 }

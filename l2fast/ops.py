@@ -2,6 +2,8 @@
 
 The public API over these ops is l2fast.functional.
 """
+import math
+
 import torch
 
 from . import _extension
@@ -15,10 +17,21 @@ def build_info():
     return dict(_BUILD_INFO)
 
 
-
-
 def _acc_dtype(tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _check_weights(op, weight, weights, n):
+    # The same checks as the kernels' (csrc/l2_penalty.cpp), so that traced code fails as eager does.
+    if not math.isfinite(weight):
+        raise ValueError(f"{op}: weight is {weight}; expected a finite number")
+    if weights is None:
+        return
+    if len(weights) != n:
+        raise ValueError(f"{op}: got {len(weights)} weights for {n} params; expected one weight per param")
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise ValueError(f"{op}: weights[{i}] is {w}; expected a finite number")
 
 
 def _fake_value(op, tensors):
@@ -36,18 +49,21 @@ def _sq_norm_fake(tensors):
 
 
 @torch.library.register_fake("l2fast::l2_penalty")
-def _l2_penalty_fake(params, weight):
+def _l2_penalty_fake(params, weight, weights=None):
+    _check_weights("l2fast.l2_penalty", weight, weights, len(params))
     return _fake_value("l2fast.l2_penalty", params)
 
 
 @torch.library.register_fake("l2fast::l2_penalty_backward")
-def _l2_penalty_backward_fake(grad, params, weight):
+def _l2_penalty_backward_fake(grad, params, weight, weights=None):
+    _check_weights("l2fast.l2_penalty_backward", weight, weights, len(params))
     return [torch.empty_like(p) for p in params]
 
 
 @torch.library.register_fake("l2fast::l2_penalty_")
-def _l2_penalty_inplace_fake(params, grads, weight, fresh=()):
+def _l2_penalty_inplace_fake(params, grads, weight, fresh=(), weights=None):
     op = "l2fast.l2_penalty_"
+    _check_weights(op, weight, weights, len(params))
     if len(grads) != len(params):
         raise ValueError(f"{op}: got {len(params)} params but {len(grads)} grads; expected one grad per param")
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -65,18 +81,19 @@ def _l2_penalty_inplace_fake(params, grads, weight, fresh=()):
 
 
 def _backward_setup(ctx, inputs, output):
-    grad, params, ctx.weight = inputs
+    grad, params, ctx.weight, ctx.weights = inputs
     ctx.save_for_backward(grad, *params)
 
 
 def _backward_backward(ctx, grad_outs):
-    # d/d(grad) and d/d(params) of grads_i = 2w * grad * p_i: what double backward needs.
+    # d/d(grad) and d/d(params) of grads_i = 2 * weight * w_i * grad * p_i: what double backward needs.
     grad, *params = ctx.saved_tensors
-    two_w = 2.0 * ctx.weight
+    ws = ctx.weights if ctx.weights is not None else [1.0] * len(params)
     acc = grad.dtype
-    d_grad = sum(torch.sum(go.to(acc) * p.to(acc)) for go, p in zip(grad_outs, params)) * two_w
-    d_params = [(two_w * grad.to(acc) * go.to(acc)).to(p.dtype) for go, p in zip(grad_outs, params)]
-    return torch.as_tensor(d_grad, dtype=acc, device=grad.device).reshape(grad.shape), d_params, None
+    d_grad = sum(2.0 * ctx.weight * w * torch.sum(go.to(acc) * p.to(acc))
+                 for go, p, w in zip(grad_outs, params, ws) if w != 0.0)
+    d_params = [(2.0 * ctx.weight * w * grad.to(acc) * go.to(acc)).to(p.dtype) for go, p, w in zip(grad_outs, params, ws)]
+    return torch.as_tensor(d_grad, dtype=acc, device=grad.device).reshape(grad.shape), d_params, None, None
 
 
 torch.library.register_autograd("l2fast::l2_penalty_backward", _backward_backward, setup_context=_backward_setup)

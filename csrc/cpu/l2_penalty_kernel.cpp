@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "l2_penalty.h"
@@ -78,9 +79,13 @@ acc_t chunk_sum(const T* p, T* g, int64_t n, acc_t scale) {
 
 template <typename acc_t>
 acc_t run_chunk(const Segment& seg, int64_t begin, int64_t end, acc_t scale) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, seg.p.scalar_type(), "l2fast_cpu", [&] {
-    const scalar_t* p = seg.p.const_data_ptr<scalar_t>() + begin;
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, seg.g.defined() ? seg.g.scalar_type() : seg.p.scalar_type(), "l2fast_cpu", [&] {
     scalar_t* g = seg.g.defined() ? seg.g.mutable_data_ptr<scalar_t>() + begin : nullptr;
+    if (seg.mode == GradMode::kZero) {
+      std::fill(g, g + (end - begin), scalar_t(0));
+      return acc_t(0);
+    }
+    const scalar_t* p = seg.p.const_data_ptr<scalar_t>() + begin;
     switch (seg.mode) {
       case GradMode::kAccumulate:
         return chunk_sum<scalar_t, acc_t, GradMode::kAccumulate>(p, g, end - begin, scale);
@@ -98,8 +103,9 @@ double run_chunks(const Plan& plan, const std::vector<Chunk>& chunks, int64_t nu
   auto work = [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const Chunk& ch = chunks[c];
-      partial[c] = static_cast<double>(
-          run_chunk<acc_t>(plan.segments[ch.segment], ch.begin, ch.end, static_cast<acc_t>(scale)));
+      const Segment& seg = plan.segments[ch.segment];
+      partial[c] = seg.w * static_cast<double>(
+          run_chunk<acc_t>(seg, ch.begin, ch.end, static_cast<acc_t>(scale * seg.w)));
     }
   };
   const int64_t n = static_cast<int64_t>(chunks.size());
@@ -117,7 +123,7 @@ at::Tensor run_cpu(const Plan& plan, double weight, const at::Tensor* grad_out, 
   std::vector<Chunk> chunks;
   int64_t numel = 0;
   for (size_t s = 0; s < plan.segments.size(); ++s) {
-    const int64_t n = plan.segments[s].p.numel();
+    const int64_t n = plan.segments[s].numel();
     numel += n;
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int64_t>(s), b, std::min(n, b + kChunk)});
   }
