@@ -9,9 +9,10 @@ Environment variables:
   MAX_JOBS                parallel compile jobs (ninja)
 """
 import glob
+import importlib.util
 import os
-import platform
 import shutil
+import site
 import sys
 import sysconfig
 from pathlib import Path
@@ -29,17 +30,29 @@ def _import_torch():
     try:
         import torch
     except ImportError:
-        # pip's build isolation hides the target environment's site-packages; build against
-        # its torch anyway (appended last, so the isolated setuptools still wins).
-        for key in ("purelib", "platlib"):
-            path = sysconfig.get_paths()[key]
-            if path not in sys.path:
-                sys.path.append(path)
+        # pip's build isolation hides the target environment's site-packages. Build against that
+        # environment's torch anyway, found the way its interpreter finds it: its site-packages
+        # with their .pth files, the base interpreter's where a venv includes them, the user's
+        # where enabled. Appended last, so the isolated setuptools still wins.
+        _add_target_site_dirs()
         try:
             import torch
         except ImportError:
-            sys.exit("l2fast: building needs PyTorch installed first, e.g. `pip install torch`")
+            sys.exit("l2fast: the build cannot find PyTorch: install it first (`pip install torch`); if it is "
+                     "installed where pip's isolated build does not look, run `pip install --no-build-isolation .`")
     return torch
+
+
+def _add_target_site_dirs():
+    dirs = [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
+    dirs += site.getsitepackages()  # a --system-site-packages venv lists the base's here
+    system_visible = sys.prefix == sys.base_prefix or sys.base_prefix in site.PREFIXES
+    if system_visible:  # python looks in the user's site-packages too (pip's PYTHONNOUSERSITE=1 hides it)
+        dirs.append(site.getusersitepackages())
+    known = {os.path.normcase(os.path.abspath(p)) for p in sys.path}
+    for d in dirs:
+        if os.path.isdir(d) and os.path.normcase(os.path.abspath(d)) not in known:
+            site.addsitedir(d, known)  # appends d, then what its .pth files name
 
 
 def _find_cuda_home():
@@ -54,14 +67,12 @@ def _find_cuda_home():
     return str(Path(nvcc).resolve().parent.parent) if nvcc else None
 
 
-def _cpu_has_avx2():
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return {"avx2", "fma", "f16c"} <= set(flags)
+def _load_cpu_check():
+    # The import check uses the same file; load it by path: importing l2fast here would need its _C.
+    spec = importlib.util.spec_from_file_location("_l2fast_cpu", ROOT / "l2fast" / "_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 torch = _import_torch()
@@ -77,7 +88,7 @@ if _flag("L2FAST_REQUIRE_CUDA") and not with_cuda:
 if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
     os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"  # H100/H200, plus PTX for newer GPUs
 
-cpu_capability = "AVX2" if (_cpu_has_avx2() and not _flag("L2FAST_PORTABLE")) else "DEFAULT"
+cpu_capability = "DEFAULT" if _flag("L2FAST_PORTABLE") or _load_cpu_check().missing_avx2_features() != [] else "AVX2"
 cxx_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]  # torch adds the -std it needs
 if cpu_capability == "AVX2":
     # at::vec's AVX2 Vectorized<T> lives in its own inline namespace, so this does not clash
@@ -103,7 +114,7 @@ else:
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """Also writes l2fast/_build_info.py, which the package checks at import."""
+    """Also writes l2fast/_build_info.py beside the built _C; l2fast._extension checks it at import."""
 
     def run(self):
         super().run()
@@ -116,19 +127,11 @@ class BuildExtension(cpp_extension.BuildExtension):
         }
         text = '"""Written by setup.py at build time; checked by l2fast._extension at import."""\n'
         text += "".join(f"{k.upper()} = {v!r}\n" for k, v in info.items())
-        (Path(self.build_lib) / "l2fast").mkdir(parents=True, exist_ok=True)
-        (Path(self.build_lib) / "l2fast" / "_build_info.py").write_text(text)
-        # `python -m l2fast.train` run from the checkout imports ./l2fast, not the installed copy:
-        # give the checkout the same compiled _C (what `build_ext --inplace` does; both are gitignored).
-        try:
-            for ext in self.extensions:
-                built = Path(self.get_ext_fullpath(ext.name))
-                if not self.inplace:
-                    shutil.copyfile(built, ROOT / "l2fast" / built.name)
-            (ROOT / "l2fast" / "_build_info.py").write_text(text)
-        except OSError as e:
-            print(f"l2fast: could not copy the extension into the source tree ({e}); "
-                  "run commands from outside it", file=sys.stderr)
+        # Beside _C wherever it went: build/lib* (then into the wheel), or the checkout for --inplace
+        # and editable installs. Nothing is copied into the checkout otherwise: environments that
+        # share it would overwrite each other's build (l2fast._extension finds the installed one).
+        for ext in self.extensions:
+            Path(self.get_ext_fullpath(ext.name)).with_name("_build_info.py").write_text(text)
 
 
 setup(

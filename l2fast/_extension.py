@@ -1,38 +1,124 @@
-"""Loads the compiled l2fast._C, refusing clearly when it is missing or was built for another torch."""
-import platform
+"""Finds and loads the compiled l2fast._C that fits the running torch and CPU, refusing clearly otherwise.
+
+Two places can hold a build, each a `_C<EXT_SUFFIX>` beside the `_build_info.py` setup.py wrote:
+- this package's own folder: an installed package, or a checkout built in place
+  (`pip install -e .`, `python setup.py build_ext --inplace`);
+- the l2fast that `pip install .` put in this environment, when Python runs a checkout's sources
+  (`python -m l2fast.train` from the repo root imports ./l2fast). `pip install .` does not copy _C
+  into the checkout, so environments sharing one checkout each load their own build.
+Where both fit, the newer build wins: it is the one built from the current sources.
+"""
+import ast
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import sys
+from pathlib import Path, PurePosixPath
 
 import torch
 
-REBUILD = "rebuild it from the l2fast source folder: pip install --no-build-isolation --force-reinstall --no-deps ."
+from . import _cpu
+
+INSTALL = "pip install --no-build-isolation --force-reinstall --no-deps ."
+REBUILD = f"rebuild it from the l2fast source folder: {INSTALL}"
+NOT_BUILT = ("l2fast's compiled extension (l2fast._C) is not built: install the package with `pip install .` "
+             "(or `python setup.py build_ext --inplace` for a source checkout)")
+
+_PACKAGE = __name__.rpartition(".")[0]
+_MODULE = f"{_PACKAGE}._C"
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(f.read().split())
-    except OSError:
-        return None
+def _so_in(folder):
+    """The _C file Python's import system would load from folder (this interpreter's suffixes), or None."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (folder / f"_C{suffix}").is_file():
+            return folder / f"_C{suffix}"
+    return None
 
 
-def load():
-    """Import l2fast._C (registering torch.ops.l2fast.*) and return its build info as a dict."""
+def _read_info(path):
+    """A _build_info.py's NAME = literal assignments, as {name.lower(): value}, without importing it."""
+    info = {}
+    for node in ast.parse(Path(path).read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.isupper():
+                info[name.lower()] = ast.literal_eval(node.value)
+    return info
+
+
+def _own_build():
+    """(folder, so, info) of this package's own build, or None when it has no _build_info."""
     try:
         from . import _build_info
     except ImportError:
-        raise ImportError(
-            "l2fast's compiled extension (l2fast._C) is not built: install the package with `pip install .` "
-            "(or `python setup.py build_ext --inplace` for a source checkout)") from None
-    if _build_info.TORCH_VERSION != torch.__version__:
-        raise ImportError(
-            f"l2fast._C was built against torch {_build_info.TORCH_VERSION} but torch {torch.__version__} "
-            f"is installed; its C++ ABI is not compatible: {REBUILD}")
-    if _build_info.CPU_CAPABILITY == "AVX2" and platform.machine() in ("x86_64", "AMD64"):
-        flags = _cpu_flags()
-        if flags is not None and not {"avx2", "fma", "f16c"} <= flags:
-            raise ImportError(f"l2fast._C was built with AVX2/FMA/F16C, which this CPU lacks: {REBUILD} "
-                              "with L2FAST_PORTABLE=1 set")
+        return None
+    info = {k.lower(): v for k, v in vars(_build_info).items() if k.isupper()}
+    return _PACKAGE_DIR, _so_in(_PACKAGE_DIR), info
+
+
+def _installed_builds():
+    """(folder, so, info) of each build that an installed l2fast distribution holds outside this package."""
+    seen = {_PACKAGE_DIR}
+    for dist in importlib.metadata.distributions(name=_PACKAGE):
+        for f in dist.files or ():
+            parts = PurePosixPath(str(f)).parts
+            if len(parts) != 2 or parts[0] != _PACKAGE or parts[1] not in {
+                    f"_C{s}" for s in importlib.machinery.EXTENSION_SUFFIXES}:
+                continue
+            folder = Path(dist.locate_file(f)).resolve().parent
+            if folder in seen or not (folder / "_build_info.py").is_file():
+                continue
+            seen.add(folder)
+            try:
+                info = _read_info(folder / "_build_info.py")
+            except (OSError, SyntaxError, ValueError):
+                continue  # not one setup.py wrote
+            yield folder, _so_in(folder), info
+
+
+def _problem(so, info):
+    """Why this build cannot load here (one clause), or None when it fits."""
+    if so is None:
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+        return f"has a _build_info.py but no _C{suffix} built for this Python"
+    if info.get("torch_version") != torch.__version__:
+        return (f"was built against torch {info.get('torch_version')} but torch {torch.__version__} "
+                "is installed; its C++ ABI is not compatible")
+    if info.get("cpu_capability") == "AVX2":
+        missing = _cpu.missing_avx2_features()
+        if missing:
+            return f"was built with AVX2/FMA/F16C, which this CPU lacks (no {', '.join(missing)})"
+    return None
+
+
+def _import(so):
+    """Load the file so as the module l2fast._C (its init function is PyInit__C whatever the file's name)."""
+    spec = importlib.util.spec_from_file_location(_MODULE, so)
     try:
-        from . import _C  # noqa: F401  (importing it registers the ops)
-    except ImportError as e:
-        raise ImportError(f"l2fast._C failed to load ({e}): {REBUILD}") from e
-    return {k.lower(): v for k, v in vars(_build_info).items() if k.isupper()}
+        module = importlib.util.module_from_spec(spec)  # dlopen + PyInit__C: registers torch.ops.l2fast.*
+        sys.modules[_MODULE] = module
+        spec.loader.exec_module(module)
+    except (ImportError, OSError) as e:
+        sys.modules.pop(_MODULE, None)
+        raise ImportError(f"l2fast._C ({so}) failed to load ({e}): {REBUILD}") from e
+    setattr(sys.modules[_PACKAGE], "_C", module)
+
+
+def load():
+    """Import the l2fast._C that fits (registering torch.ops.l2fast.*) and return its build info as a dict."""
+    own = _own_build()
+    builds = ([own] if own else []) + list(_installed_builds())
+    if not builds:
+        raise ImportError(NOT_BUILT)
+    problems = [(folder, _problem(so, info)) for folder, so, info in builds]
+    fitting = [b for b, (_, why) in zip(builds, problems) if why is None]
+    if not fitting:
+        why = "; ".join(f"l2fast._C ({folder}) {reason}" for folder, reason in problems)
+        portable = "L2FAST_PORTABLE=1 " if "AVX2/FMA/F16C" in why else ""
+        raise ImportError(f"{why}: rebuild it from the l2fast source folder: {portable}{INSTALL}")
+    folder, so, info = max(fitting, key=lambda b: b[1].stat().st_mtime)  # ties: the first, own folder
+    if _MODULE not in sys.modules:
+        _import(so)
+    return dict(info)

@@ -1,0 +1,108 @@
+"""setup.py as pip runs it: finding torch past build isolation, and what `pip install .` leaves in the checkout.
+
+Each test makes a fresh virtual environment whose torch comes from this interpreter in one of the
+layouts people have, and runs pip in it with build isolation (pip fetches setuptools, wheel and
+ninja from its configured index).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_SITE = Path(torch.__file__).resolve().parents[1]  # the folder holding torch/
+BASE_SITE = Path(sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})["purelib"])
+# At the checkout's root only: l2fast/data holds the bundled sample and must be copied.
+_ROOT_ONLY = {".git", "build", "dist", "runs", "export", "data", ".hypothesis", ".pytest_cache"}
+_ANYWHERE = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", "_build_info.py")
+
+pytestmark = pytest.mark.skipif(not (ROOT / "setup.py").is_file(),
+                                reason=f"tests are not in an l2fast checkout ({ROOT} has no setup.py)")
+
+
+def _checkout(dest):
+    """A copy of the checkout as a user has it: sources only, nothing built."""
+    def ignore(folder, names):
+        return set(_ANYWHERE(folder, names)) | (_ROOT_ONLY & set(names) if Path(folder) == ROOT else set())
+
+    shutil.copytree(ROOT, dest, ignore=ignore)
+    return dest
+
+
+def _venv(path, layout):
+    """A venv whose torch is this interpreter's: through a .pth file, or as a --system-site-packages venv."""
+    if layout == "system-site-packages" and TORCH_SITE != BASE_SITE.resolve():
+        pytest.skip(f"torch is not in the base interpreter's site-packages ({BASE_SITE})")
+    flags = ["--system-site-packages"] if layout == "system-site-packages" else []
+    subprocess.run([sys.executable, "-m", "venv", *flags, str(path)], check=True, timeout=300)
+    python = path / "bin" / "python"
+    if layout == "pth":
+        purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+        Path(purelib, "outer.pth").write_text(f"{TORCH_SITE}\n")
+    return python
+
+
+def _pip(python, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(L2FAST_CPU_ONLY="1", MAX_JOBS=env.get("MAX_JOBS", "2"), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    return subprocess.run([str(python), "-m", "pip", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=1500)
+
+
+@pytest.mark.parametrize("layout", ["pth", "system-site-packages"])
+def test_pip_finds_torch_past_build_isolation(tmp_path, layout):
+    # --dry-run stops after "Getting requirements to build wheel" and "Preparing metadata", which
+    # run all of setup.py (torch's import included) in pip's isolated build environment.
+    python = _venv(tmp_path / "venv", layout)
+    done = _pip(python, "install", "--dry-run", "--no-deps", ".", cwd=_checkout(tmp_path / "checkout"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Would install l2fast" in done.stdout
+
+
+def test_no_torch_anywhere_is_one_line_naming_no_build_isolation(tmp_path):
+    python = _venv(tmp_path / "venv", "bare")
+    done = _pip(python, "install", "--dry-run", "--no-deps", ".", cwd=_checkout(tmp_path / "checkout"))
+    assert done.returncode != 0
+    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if "l2fast:" in line]
+    assert lines == ["l2fast: the build cannot find PyTorch: install it first (`pip install torch`); if it is "
+                     "installed where pip's isolated build does not look, run `pip install --no-build-isolation .`"]
+
+
+PROBE = textwrap.dedent("""
+    import json, sys, torch
+    import l2fast.ops
+    x = torch.linspace(-3, 3, 4001)[1::4]
+    print(json.dumps({"package": l2fast.__file__, "so": sys.modules["l2fast._C"].__file__,
+                      "value": torch.ops.l2fast.sq_norm([x]).item(), "reference": x.double().pow(2).sum().item()}))
+""")
+
+
+@pytest.mark.slow
+def test_pip_install_builds_into_the_environment_not_the_checkout(tmp_path):
+    # The README's `pip install .`, in a venv whose torch comes through a .pth file. The checkout is
+    # shared by every environment, so the build must land in this venv only; Python run from the
+    # checkout's root (the README's `python -m l2fast.train`) still finds it.
+    python = _venv(tmp_path / "venv", "pth")
+    checkout = _checkout(tmp_path / "checkout")
+    done = _pip(python, "install", "--no-deps", ".", cwd=checkout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not list((checkout / "l2fast").glob("_C*")) and not (checkout / "l2fast" / "_build_info.py").exists()
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([str(python), "-c", PROBE], cwd=checkout, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert Path(out["package"]).parent == checkout / "l2fast"
+    assert Path(out["so"]).parent.parent.resolve() == Path(
+        subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
+                       capture_output=True, text=True, check=True, timeout=60).stdout.strip()).resolve()
+    assert out["value"] == pytest.approx(out["reference"], rel=1e-6)
