@@ -7,18 +7,24 @@ imported, else on first use of the API below, or with `import l2fast.ops`.
 
 import sys as _sys
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
 
-_OPS_API = ("sq_norm", "l2_penalty", "l2_penalty_", "build_info")
+try:
+    __version__ = _metadata.version(__name__)  # pyproject.toml's version: the one source
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+_OPS_API = ("sq_norm", "l2_penalty", "l2_penalty_", "build_info", "L2Penalty", "decay_groups")
 
 __all__ = list(_OPS_API)
 
 
 def _load_ops():
-    from . import functional, ops
+    from . import functional, ops, penalty
 
     # Bind them as plain module attributes: later look-ups then skip __getattr__ (~1 µs each).
-    globals().update({api: getattr(functional if hasattr(functional, api) else ops, api) for api in _OPS_API})
+    modules = (penalty, functional, ops)
+    globals().update({api: getattr(next(m for m in modules if hasattr(m, api)), api) for api in _OPS_API})
 
 
 def __getattr__(name):

@@ -1,21 +1,24 @@
 """`python -m l2fast.bench penalty`: penalty value + gradient into .grad, fused vs the baselines.
 
 Per call, every method computes weight * sum(||p||^2) and adds 2 * weight * p into each grad:
-  fused     l2fast.l2_penalty_ (one pass over params and grads)
+  L2Penalty l2fast.L2Penalty(params, weight).add_grad_(), built once (what a training loop uses)
+  fused     l2fast.l2_penalty_(params, weight), the functional form (checks its arguments per call)
   autograd  l2fast.l2_penalty + backward (forward pass, then the fused backward kernel)
   seed      the notebook: torch.cat of p.view(-1), square, sum, backward
   foreach   torch._foreach_norm + stack + sum + torch._foreach_add_ (the best plain PyTorch)
   compiled  torch.compile of `foreach`
   copy      memory floor: one copy_ moving the same bytes the fused op must move
             (read params + read grads + write grads)
+Targets (issue 12): L2Penalty <= 1.3x copy at the MLP's size and at 1M, <= 1.0x from 10M;
+foreach >= 3x L2Penalty up to 1M.
 """
-import argparse
 import sys
 
 import torch
 
 import l2fast
 from l2fast.bench.timing import compare
+from l2fast.errors import UsageError
 from l2fast.model import MLP
 
 WEIGHT = 1e-4
@@ -61,7 +64,9 @@ def methods_for(params, device, with_compile):
     numel = sum(p.numel() for p in params)
     src = torch.empty(numel * 3 // 2, device=device)
     dst = torch.empty_like(src)
+    penalty = l2fast.L2Penalty(params, WEIGHT)
     methods = {
+        "L2Penalty": penalty.add_grad_,
         "fused": lambda: l2fast.l2_penalty_(params, WEIGHT),
         "autograd": lambda: autograd_way(params, WEIGHT),
         "seed": lambda: seed_way(params, WEIGHT),
@@ -92,46 +97,69 @@ def check_agreement(params, device):
     return abs(fused - exact) / exact, abs(foreach - exact) / exact
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m l2fast.bench penalty", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser):
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--sizes", default="mlp,1M,10M,50M",
                         help=f"comma-separated, from {','.join(SIZES)} (default: mlp,1M,10M,50M)")
     parser.add_argument("--tensors", type=int, default=200, help="tensors the non-MLP sizes are spread over")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds; the median is kept")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    args = parser.parse_args(argv)
+
+
+def check_args(args):
+    """The options as plain values; a UsageError (one line, exit 2) for anything that cannot run."""
     sizes = args.sizes.split(",")
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
-        parser.error(f"unknown size {unknown[0]!r}; expected some of {','.join(SIZES)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        raise UsageError(f"--sizes: unknown size {unknown[0]!r}; expected some of {','.join(SIZES)}")
+    if args.tensors < 1:
+        raise UsageError(f"--tensors {args.tensors}: expected at least 1 tensor")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds {args.rounds}: expected at least 1 round")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device}: not a device; expected cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: l2fast has kernels for cpu and cuda only")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type == "cuda" and not l2fast.build_info()["cuda"]:
+        raise UsageError(f"--device {args.device}: this l2fast build has no CUDA kernels")
+    return sizes, device
 
-    device = torch.device(args.device)
+
+def run(args):
+    sizes, device = check_args(args)
+    with_compile = not args.no_compile
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# l2fast.bench penalty on {name}; torch {torch.__version__}; weight {WEIGHT}; "
           f"median of {args.rounds} interleaved rounds")
-    cols = ["fused", "autograd", "seed", "foreach"] + ([] if args.no_compile else ["compiled"]) + ["copy"]
-    print("| values | tensors | " + " | ".join(f"{c} µs" for c in cols)
-          + " | seed/fused | foreach/fused | " + ("compiled/fused | " if not args.no_compile else "")
-          + "fused GB/s | fused/copy time | fused rel. error | foreach rel. error |")
-    print("|" + "---|" * (2 + len(cols) + (4 if not args.no_compile else 3) + 3))
+    cols = ["L2Penalty", "fused", "autograd", "seed", "foreach"] + (["compiled"] if with_compile else []) + ["copy"]
+    ratio_cols = ["L2Penalty/copy", "fused/copy", "foreach/L2Penalty", "seed/L2Penalty"]
+    print("| values | tensors | " + " | ".join(f"{c} µs" for c in cols) + " | " + " | ".join(ratio_cols)
+          + " | L2Penalty GB/s | fused rel. error | foreach rel. error |")
+    print("|" + "---|" * (2 + len(cols) + len(ratio_cols) + 3))
     for size in sizes:
         params = make_params(SIZES[size], device, args.tensors)
         errors = check_agreement(params, device)
-        t = compare(methods_for(params, device, not args.no_compile), device, rounds=args.rounds)
+        t = compare(methods_for(params, device, with_compile), device, rounds=args.rounds)
         numel = sum(p.numel() for p in params)
-        ratios = [t["seed"] / t["fused"], t["foreach"] / t["fused"]]
-        if not args.no_compile:
-            ratios.append(t["compiled"] / t["fused"])
-        gbps = 3 * 4 * numel / t["fused"] / 1e9
+        ratios = [t["L2Penalty"] / t["copy"], t["fused"] / t["copy"], t["foreach"] / t["L2Penalty"],
+                  t["seed"] / t["L2Penalty"]]
+        gbps = 3 * params[0].element_size() * numel / t["L2Penalty"] / 1e9
         print(f"| {numel:,} | {len(params)} | " + " | ".join(f"{t[c] * 1e6:,.1f}" for c in cols) + " | "
-              + " | ".join(f"{r:.1f}×" for r in ratios) + f" | {gbps:.1f} | {t['fused'] / t['copy']:.2f}× | {errors[0]:.1e} | {errors[1]:.1e} |",
+              + " | ".join(f"{r:.2f}×" for r in ratios) + f" | {gbps:.1f} | {errors[0]:.1e} | {errors[1]:.1e} |",
               flush=True)
         del params
     return 0
+
+
+def main(argv=None):
+    """`python -m l2fast.bench.penalty ...`: the same as `python -m l2fast.bench penalty ...`."""
+    from l2fast.bench.__main__ import cli
+
+    return cli(["penalty", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
