@@ -89,31 +89,85 @@ def load(path):
             or not isinstance(ckpt.get("model_config"), dict):
         what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:8]}"
         raise CheckpointError(f"{path}: not an l2fast checkpoint (found {what}); {_EXPECTED}")
-    config = ckpt["model_config"]
+    model = _build(path, ckpt["model_config"], ckpt["state_dict"])
+    return Checkpoint(model, ckpt, path)
+
+
+def _build(path, config, state_dict):
+    """The MLP that `config` describes, loaded with `state_dict`, in eval mode.
+
+    The config is only trusted once the state dict's tensors have exactly the shapes it implies:
+    a small file cannot make us allocate the huge model its config claims.
+    """
     sizes = config.get("layer_sizes")
-    if not isinstance(sizes, (list, tuple)) or len(sizes) < 2 or not all(isinstance(s, int) and s > 0 for s in sizes):
+    if not isinstance(sizes, (list, tuple)) or len(sizes) < 2 or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
         raise CheckpointError(f"{path}: model_config {config!r} has no valid layer_sizes; {_EXPECTED}")
+    sizes = [int(s) for s in sizes]
     want_in = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
     if sizes[0] != want_in or sizes[-1] != N_CLASSES:
-        raise CheckpointError(f"{path}: a different architecture (layer_sizes {list(sizes)}); the export contract "
+        raise CheckpointError(f"{path}: a different architecture (layer_sizes {sizes}); the export contract "
                               f"needs an MLP from {want_in} inputs (1x28x28) to {N_CLASSES} logits")
+    if 2 * (len(sizes) - 1) != len(state_dict):  # a weight and a bias per layer: checked before building
+        raise CheckpointError(f"{path}: layer_sizes {sizes[:8]}{'...' if len(sizes) > 8 else ''} needs "
+                              f"{2 * (len(sizes) - 1)} tensors, the state dict holds {len(state_dict)}; "
+                              "a different architecture or a corrupted model_config")
     try:
-        model = MLP(**config)
+        with torch.device("meta"):  # shapes and names only: allocates nothing, whatever the sizes
+            expected = {k: tuple(v.shape) for k, v in MLP(**config).state_dict().items()}
     except TypeError as e:
         raise CheckpointError(f"{path}: model_config {config!r} does not build an l2fast MLP ({e})") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, KeyError, ValueError) as e:
-        detail = " ".join(str(e).split())
-        raise CheckpointError(f"{path}: its weights do not fit MLP(layer_sizes={list(sizes)}), a different "
-                              f"architecture ({detail[:240]})") from None
-    return Checkpoint(model.eval(), ckpt, path)
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{path}: layer_sizes {sizes} cannot be built ({' '.join(str(e).split())[:200]}): "
+                              "a different architecture or a corrupted model_config") from None
+    problems = _shape_problems(expected, state_dict)
+    if problems:
+        raise CheckpointError(f"{path}: its weights do not fit MLP(layer_sizes={sizes}), a different architecture "
+                              f"or a corrupted model_config ({'; '.join(problems[:4])})")
+    model = MLP(**config)
+    model.load_state_dict(state_dict, strict=True)
+    bad = [k for k, v in state_dict.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: weights {', '.join(bad[:4])} hold NaN or inf (a diverged run?); "
+                              "there is no working model to export")
+    return model.eval()
+
+
+def _shape_problems(expected, state_dict):
+    problems = []
+    missing = [k for k in expected if k not in state_dict]
+    extra = [str(k) for k in state_dict if k not in expected]
+    if missing:
+        problems.append(f"missing {', '.join(missing[:4])}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra[:4])}")
+    for k, shape in expected.items():
+        v = state_dict.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            what = f"{v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+            problems.append(f"{k} is a {what}, expected floating point")
+        elif tuple(v.shape) != shape:
+            problems.append(f"{k} has shape {list(v.shape)}, expected {list(shape)}")
+    return problems
 
 
 def _load_error_reason(e):
-    """The informative part of a torch.load error, on one line."""
+    """torch.load's reason on one line: without its boilerplate and its advice to load unsafely.
+
+    A refused global reads "Weights only load failed. <advice to set weights_only=False>\n\n<the
+    reason: Trying to load unsupported GLOBAL posix.system whose module posix is blocked.>\n\nCheck
+    the documentation ..."; a class torch could allow-list has "WeightsUnpickler error: <reason>
+    Please use torch.serialization.add_safe_globals ...".
+    """
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s+Please use|\n\n|$)", text, re.S)
-    reason = m.group(1) if m else (text.strip().splitlines() or [""])[0]
-    reason = " ".join(reason.split())
-    return (reason or type(e).__name__)[:200]
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.S)
+    if m:
+        reason = m.group(1)
+    else:
+        paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+        keep = [p for p in paragraphs if not p.lstrip().startswith(("Weights only load failed", "Check the documentation"))]
+        reason = " ".join(keep or paragraphs[:1])
+    reason = re.split(r"\s+Please use `?torch\.serialization", " ".join(reason.split()))[0]  # advice to allow-list it
+    return (reason or type(e).__name__)[:400]

@@ -19,14 +19,16 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from l2fast import checkpoint, contract, exporters  # noqa: E402
 from l2fast import export as ex  # noqa: E402
+from l2fast import verify as vf  # noqa: E402
 from l2fast.data import load_dataset  # noqa: E402
-from l2fast.idx import write_idx
+from l2fast.idx import write_idx  # noqa: E402
 from helpers import PKG_ROOT, TORCH_BLOCKER  # noqa: E402
 from l2fast.model import MLP  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
+OWNED = sorted([*contract.ARTIFACTS, contract.MANIFEST_FILE])
 
 
 def run_py(args, cwd=None, env_extra=None, pythonpath=(PKG_ROOT,), timeout=240):
@@ -89,17 +91,17 @@ def fixture_ckpt(tmp_path_factory):
 
 def test_export_writes_all_artifacts_into_default_folder(exported):
     names = sorted(p.name for p in exported["dir"].iterdir())
-    assert names == sorted([*ex.ARTIFACTS, ex.MANIFEST_FILE])
+    assert names == OWNED
     assert "exported" in exported["stdout"] and "all argmax equal" in exported["stdout"]
     # nothing left beside it
     assert [p.name for p in exported["dir"].parent.iterdir()] == ["export"]
 
 
 def test_onnx_is_self_contained_checked_and_pinned(exported):
-    path = exported["dir"] / ex.ONNX_FILE
+    path = exported["dir"] / contract.ONNX_FILE
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    assert {o.domain: o.version for o in model.opset_import}[""] == ex.OPSET == 18
+    assert {o.domain: o.version for o in model.opset_import}[""] == exporters.OPSET == 18
     assert all(init.data_location != onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
     assert not list(exported["dir"].glob("*.data"))
     (inp,), (out,) = model.graph.input, model.graph.output
@@ -113,7 +115,7 @@ def test_onnx_is_self_contained_checked_and_pinned(exported):
 
 def test_manifest_contents(exported, sample):
     d = exported["dir"]
-    m = json.loads((d / ex.MANIFEST_FILE).read_text())
+    m = json.loads((d / contract.MANIFEST_FILE).read_text())
     assert m["input"] == {"name": "image", "shape": ["batch", 1, 28, 28], "dtype": "float32", "range": [0.0, 1.0],
                           "layout": "NCHW", "dynamic_axes": {"0": "batch"}}
     assert m["output"]["name"] == "logits" and m["output"]["shape"] == ["batch", 10]
@@ -126,7 +128,7 @@ def test_manifest_contents(exported, sample):
     for key in ("torch", "onnx", "onnxruntime"):
         assert m["versions"][key]
     assert m["versions"]["torch"] == str(torch.__version__) and m["versions"]["onnxruntime"] == ort.__version__
-    for name in ex.ARTIFACTS:
+    for name in contract.ARTIFACTS:
         assert m["artifacts"][name]["sha256"] == sha256(d / name)
         assert m["artifacts"][name]["bytes"] == (d / name).stat().st_size
     v = m["verification"]
@@ -143,26 +145,26 @@ def test_manifest_contents(exported, sample):
 def test_parity_of_every_artifact_on_the_test_set(exported, sample):
     """Independent of export's own check: reload every artifact and compare with eager."""
     d = exported["dir"]
-    model, _, _ = ex.load_checkpoint(exported["run"])
+    model, _, _ = checkpoint.load(exported["run"])
     x = sample.test_images.astype(np.float32)[:, None] / 255.0
     with torch.inference_mode():
         eager = model(torch.from_numpy(x)).numpy()
-        ts = ex.load_torchscript(d / ex.TORCHSCRIPT_FILE)(torch.from_numpy(x)).numpy()
-        pt2 = torch.export.load(str(d / ex.PT2_FILE)).module()(torch.from_numpy(x)).numpy()
-    sess = ort.InferenceSession(str(d / ex.ONNX_FILE), providers=["CPUExecutionProvider"])
+        ts = exporters.load_torchscript(d / contract.TORCHSCRIPT_FILE)(torch.from_numpy(x)).numpy()
+        pt2 = torch.export.load(str(d / contract.PT2_FILE)).module()(torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(d / contract.ONNX_FILE), providers=["CPUExecutionProvider"])
     onnx_out = np.concatenate([sess.run(["logits"], {"image": x[i:i + 333]})[0] for i in range(0, len(x), 333)])
     labels = sample.test_labels
     for y in (ts, pt2, onnx_out):
         assert np.abs(y - eager).max() <= 1e-4
         assert (y.argmax(1) == eager.argmax(1)).all()
     assert (onnx_out.argmax(1) == labels).mean() == (eager.argmax(1) == labels).mean()
-    m = json.loads((d / ex.MANIFEST_FILE).read_text())
+    m = json.loads((d / contract.MANIFEST_FILE).read_text())
     assert m["verification"]["eager_accuracy"] == pytest.approx((eager.argmax(1) == labels).mean())
 
 
 def test_pt2_has_a_dynamic_batch(exported):
-    module = torch.export.load(str(exported["dir"] / ex.PT2_FILE)).module()
-    ts = ex.load_torchscript(exported["dir"] / ex.TORCHSCRIPT_FILE)
+    module = torch.export.load(str(exported["dir"] / contract.PT2_FILE)).module()
+    ts = exporters.load_torchscript(exported["dir"] / contract.TORCHSCRIPT_FILE)
     for n in (1, 3, 17, 1000):
         x = torch.rand(n, 1, 28, 28)
         assert module(x).shape == (n, 10)
@@ -174,7 +176,7 @@ def test_torchscript_loads_without_l2fast(exported, tmp_path):
     x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
     np.save(tmp_path / "x.npy", x)
     with torch.inference_mode():
-        expected = ex.load_torchscript(exported["dir"] / ex.TORCHSCRIPT_FILE)(torch.from_numpy(x)).numpy()
+        expected = exporters.load_torchscript(exported["dir"] / contract.TORCHSCRIPT_FILE)(torch.from_numpy(x)).numpy()
     np.save(tmp_path / "expected.npy", expected)
     script = textwrap.dedent(f"""
         import sys
@@ -186,7 +188,7 @@ def test_torchscript_loads_without_l2fast(exported, tmp_path):
         import os
         sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != {str(REPO)!r}]
         import numpy as np, torch
-        m = torch.jit.load({str(exported["dir"] / ex.TORCHSCRIPT_FILE)!r})
+        m = torch.jit.load({str(exported["dir"] / contract.TORCHSCRIPT_FILE)!r})
         y = m(torch.from_numpy(np.load("x.npy"))).detach().numpy()
         assert np.array_equal(y, np.load("expected.npy")), np.abs(y - np.load("expected.npy")).max()
         try:
@@ -205,7 +207,7 @@ def test_torchscript_loads_without_l2fast(exported, tmp_path):
 def test_torchscript_archive_has_no_l2fast_code(exported):
     import zipfile
 
-    with zipfile.ZipFile(exported["dir"] / ex.TORCHSCRIPT_FILE) as z:
+    with zipfile.ZipFile(exported["dir"] / contract.TORCHSCRIPT_FILE) as z:
         code = "".join(z.read(n).decode("utf-8", "replace") for n in z.namelist() if n.endswith(".py"))
     assert "l2fast" not in code and "torch.nn.modules" in code
 
@@ -223,14 +225,14 @@ def test_round_trip_infer_without_torch(exported, sample, tmp_path):
     write_idx(tmp_path / "digits-idx3-ubyte.gz", images)
     (tmp_path / "block").mkdir()
     (tmp_path / "block" / "sitecustomize.py").write_text(TORCH_BLOCKER)
-    onnx_path = exported["dir"] / ex.ONNX_FILE
+    onnx_path = exported["dir"] / contract.ONNX_FILE
     r = run_py(["-m", "l2fast.infer", str(onnx_path), "digit0.png", "digits.npy", "digits-idx3-ubyte.gz", "--json"],
                cwd=tmp_path, pythonpath=(tmp_path / "block", PKG_ROOT))
     assert r.returncode == 0, r.stderr[-2000:]
     recs = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(recs) == 1 + 2 * n
     # reference: eager PyTorch on the same images
-    model, _, _ = ex.load_checkpoint(exported["run"])
+    model, _, _ = checkpoint.load(exported["run"])
     with torch.inference_mode():
         logits = model(torch.from_numpy(images.astype(np.float32)[:, None] / 255.0))
     probs = torch.softmax(logits, 1).numpy()
@@ -251,16 +253,16 @@ def test_round_trip_infer_without_torch(exported, sample, tmp_path):
 # ----------------------------------------------------------------------------- failures
 
 def test_failed_verification_leaves_no_artifacts(fixture_ckpt, tmp_path, monkeypatch, capsys):
-    real = ex.backend_logits
+    real = vf.backend_logits
 
     def perturbed(*args, **kwargs):
         out = real(*args, **kwargs)
         out["onnxruntime"] = out["onnxruntime"] + 1e-3
         return out
 
-    monkeypatch.setattr(ex, "backend_logits", perturbed)
+    monkeypatch.setattr(vf, "backend_logits", perturbed)
     out = tmp_path / "export"
-    rc = ex.main([str(fixture_ckpt), "--out", str(out), "--limit", "50", "-q"])
+    rc = ex.cli([str(fixture_ckpt), "--out", str(out), "--limit", "50", "-q"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "verification failed" in err and "onnxruntime" in err and "nothing was written" in err
@@ -273,8 +275,8 @@ def test_failed_verification_keeps_previous_export(fixture_ckpt, tmp_path, monke
     out.mkdir()
     (out / "model.onnx").write_bytes(b"previous")
     (out / "README.md").write_text("keep me")
-    monkeypatch.setattr(ex, "compare", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
-    assert ex.main([str(fixture_ckpt), "--out", str(out), "--limit", "20", "-q"]) == 1
+    monkeypatch.setattr(vf, "compare", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
+    assert ex.cli([str(fixture_ckpt), "--out", str(out), "--limit", "20", "-q"]) == 1
     assert "forced failure" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.onnx"]
     assert (out / "model.onnx").read_bytes() == b"previous"
@@ -300,12 +302,12 @@ def test_successful_export_replaces_folder_and_keeps_readme(fixture_ckpt, tmp_pa
     out.mkdir()
     (out / "README.md").write_text("the committed readme")
     (out / "model.onnx").write_bytes(b"stale")
-    assert ex.main([str(fixture_ckpt), "--out", str(out), "--limit", "100", "-q"]) == 0
+    assert ex.cli([str(fixture_ckpt), "--out", str(out), "--limit", "100", "-q"]) == 0
     assert "exported" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", ex.MANIFEST_FILE, *ex.ARTIFACTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", *OWNED])
     assert (out / "README.md").read_text() == "the committed readme"
-    m = json.loads((out / ex.MANIFEST_FILE).read_text())
-    assert m["artifacts"][ex.ONNX_FILE]["sha256"] == sha256(out / ex.ONNX_FILE)
+    m = json.loads((out / contract.MANIFEST_FILE).read_text())
+    assert m["artifacts"][contract.ONNX_FILE]["sha256"] == sha256(out / contract.ONNX_FILE)
     assert m["verification"]["images"] == 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
@@ -314,14 +316,14 @@ def test_onnx_fallback_exporter_is_recorded(fixture_ckpt, tmp_path, monkeypatch,
     def broken(*a, **k):
         raise RuntimeError("simulated dynamo exporter failure")
 
-    monkeypatch.setattr(ex, "_onnx_dynamo", broken)
+    monkeypatch.setattr(exporters, "_onnx_dynamo", broken)
     out = tmp_path / "export"
-    assert ex.main([str(fixture_ckpt), "--out", str(out), "--limit", "50", "-q"]) == 0
-    m = json.loads((out / ex.MANIFEST_FILE).read_text())
+    assert ex.cli([str(fixture_ckpt), "--out", str(out), "--limit", "50", "-q"]) == 0
+    m = json.loads((out / contract.MANIFEST_FILE).read_text())
     assert "legacy" in m["onnx_exporter"]["exporter"]
     assert "simulated dynamo exporter failure" in m["onnx_exporter"]["fallback_reason"]
     assert m["opset"] == 18
-    onnx.checker.check_model(onnx.load(str(out / ex.ONNX_FILE)), full_check=True)
+    onnx.checker.check_model(onnx.load(str(out / contract.ONNX_FILE)), full_check=True)
 
 
 def _bad_checkpoints(tmp_path):
@@ -360,11 +362,9 @@ def _bad_checkpoints(tmp_path):
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
-    from l2fast._cli import run
-
     for what, (path, needle) in _bad_checkpoints(tmp_path).items():
         out = tmp_path / f"out-{what.replace(' ', '_')}"
-        rc = run(ex.main, [str(path), "--out", str(out)], user_errors=ex._user_errors())
+        rc = ex.cli([str(path), "--out", str(out)])
         err = capsys.readouterr().err
         assert rc == 2, what
         assert err.startswith("error: ") and err.count("\n") == 1, (what, err)
@@ -384,15 +384,236 @@ def test_bad_checkpoint_cli_exit_2_no_traceback(tmp_path):
 
 
 def test_unknown_dataset_and_foreign_out_folder_are_user_errors(fixture_ckpt, tmp_path, capsys):
-    from l2fast._cli import run
-
-    rc = run(ex.main, [str(fixture_ckpt), "--dataset", "cifar", "--out", str(tmp_path / "o")],
-             user_errors=ex._user_errors())
+    rc = ex.cli([str(fixture_ckpt), "--dataset", "cifar", "--out", str(tmp_path / "o")])
     assert rc == 2 and "cifar" in capsys.readouterr().err
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "thesis.tex").write_text("precious")
-    rc = run(ex.main, [str(fixture_ckpt), "--out", str(busy)], user_errors=ex._user_errors())
+    rc = ex.cli([str(fixture_ckpt), "--out", str(busy)])
     err = capsys.readouterr().err
     assert rc == 2 and "thesis.tex" in err
     assert (busy / "thesis.tex").read_text() == "precious" and len(list(busy.iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------- nothing the user has is lost
+
+def _leftovers(*folders):
+    """Staging or backup entries export may have left in these folders."""
+    return [p.name for f in folders for p in Path(f).iterdir() if p.name.startswith(".") or p.suffix in (".tmp", ".old")]
+
+
+def test_owned_names_that_are_not_regular_files_are_refused(fixture_ckpt, tmp_path, capsys):
+    out = tmp_path / "export"
+    (out / "model.onnx").mkdir(parents=True)
+    (out / "model.onnx" / "notes.txt").write_text("a user's file")
+    assert ex.cli([str(fixture_ckpt), "--out", str(out), "--limit", "20", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "model.onnx (a folder)" in err, err
+    assert (out / "model.onnx" / "notes.txt").read_text() == "a user's file"
+    (out / "model.onnx" / "notes.txt").unlink()
+    (out / "model.onnx").rmdir()
+    (tmp_path / "precious.pt2").write_text("the link's target")
+    (out / "model.pt2").symlink_to(tmp_path / "precious.pt2")
+    assert ex.cli([str(fixture_ckpt), "--out", str(out), "--limit", "20", "-q"]) == 2
+    assert "model.pt2 (a symlink)" in capsys.readouterr().err
+    assert (out / "model.pt2").is_symlink() and (tmp_path / "precious.pt2").read_text() == "the link's target"
+
+
+def test_out_that_is_a_file_or_under_one_is_a_one_line_error(fixture_ckpt, tmp_path, capsys):
+    (tmp_path / "file").write_text("a user's file")
+    for out, needle in ((tmp_path / "file", "is a regular file, not a folder"),
+                        (tmp_path / "file" / "sub", "is a regular file, not a folder")):
+        assert ex.cli([str(fixture_ckpt), "--out", str(out), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: output folder {out}: ") and needle in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "a user's file"
+
+
+def test_a_file_written_into_out_during_the_export_is_kept(fixture_ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"previous")
+    real = vf.compare
+
+    def compare_while_the_user_writes(*a, **k):
+        (out / "notes.txt").write_text("written during the export")
+        return real(*a, **k)
+
+    monkeypatch.setattr(vf, "compare", compare_while_the_user_writes)
+    assert ex.cli([str(fixture_ckpt), "--out", str(out), "--limit", "20", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "notes.txt" in err and "during the export" in err
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "written during the export"
+    assert (out / "model.onnx").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_out_symlink_is_followed_not_replaced(fixture_ckpt, tmp_path, capsys):
+    real = tmp_path / "storage" / "models"
+    real.mkdir(parents=True)
+    (real / "README.md").write_text("mine")
+    (real / "model.onnx").write_bytes(b"stale")
+    link = tmp_path / "export"
+    link.symlink_to(real, target_is_directory=True)
+    assert ex.cli([str(fixture_ckpt), "--out", str(link), "--limit", "20", "-q"]) == 0, capsys.readouterr().err
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert sorted(p.name for p in real.iterdir()) == sorted(["README.md", *OWNED])
+    assert (real / "README.md").read_text() == "mine"
+    m = json.loads((real / contract.MANIFEST_FILE).read_text())
+    assert m["artifacts"][contract.ONNX_FILE]["sha256"] == sha256(real / contract.ONNX_FILE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "storage"]
+    assert not _leftovers(tmp_path, real.parent, real)
+
+
+def test_failed_export_into_a_new_nested_folder_leaves_nothing(fixture_ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(vf, "compare", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
+    assert ex.cli([str(fixture_ckpt), "--out", str(tmp_path / "a" / "b" / "export"), "--limit", "20", "-q"]) == 1
+    assert "forced failure" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _wait_for(predicate, proc, timeout=180):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_during_export_cleans_up_like_ctrl_c(fixture_ckpt, tmp_path):
+    import signal
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"previous")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(PKG_ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "l2fast.export", str(fixture_ckpt), "--out", str(out),
+                             "--limit", "20", "-q"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        # mid-export: the staging folder (inside or beside --out) already holds the ONNX file
+        started = _wait_for(lambda: list(tmp_path.glob("**/.*/" + contract.ONNX_FILE)), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert started, err[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and err.strip() == "terminated", err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+    assert (out / "model.onnx").read_bytes() == b"previous"
+
+
+def _without_dac_override():
+    """argv prefix that runs a command without root's power to write into read-only folders."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: read-only folders cannot be made")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def test_read_only_out_is_a_one_line_error(fixture_ckpt, tmp_path):
+    prefix = _without_dac_override()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "model.onnx").write_bytes(b"previous")
+    ro.chmod(0o555)
+    try:
+        for out in (ro, ro / "new"):
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            env["PYTHONPATH"] = str(PKG_ROOT)
+            r = subprocess.run([*prefix, sys.executable, "-m", "l2fast.export", str(fixture_ckpt), "--out", str(out),
+                                "--limit", "20", "-q"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=240)
+            assert r.returncode == 2, (out, r.stderr[-2000:])
+            assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr[-2000:]
+            assert "not writable" in r.stderr and str(out) in r.stderr
+            assert sorted(p.name for p in ro.iterdir()) == ["model.onnx"]
+            assert (ro / "model.onnx").read_bytes() == b"previous" and (ro.stat().st_mode & 0o777) == 0o555
+    finally:
+        ro.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- the exit-2 contract
+
+def test_opsets_that_cannot_work_are_refused(fixture_ckpt, tmp_path, capsys):
+    for opset in (6, 7, 8, exporters.max_opset() + 1):
+        assert ex.cli([str(fixture_ckpt), "--out", str(tmp_path / "o"), "--opset", str(opset)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --opset {opset}: expected {exporters.MIN_OPSET}..") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_low_opset_exports_with_one_note_not_a_traceback(fixture_ckpt, tmp_path, capfd):
+    """Opset 13: the dynamo exporter's version converter fails (logging a traceback); legacy exports it."""
+    out = tmp_path / "export"
+    assert ex.cli([str(fixture_ckpt), "--out", str(out), "--opset", "13", "--limit", "20"]) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "onnxscript" not in err, err
+    notes = [line for line in err.splitlines() if not line.startswith(("checkpoint ", "exporting ", "verifying "))]
+    assert len(notes) == 1 and notes[0].startswith("note: used the legacy ONNX exporter"), err
+    m = json.loads((out / contract.MANIFEST_FILE).read_text())
+    assert m["opset"] == 13 and {o.domain: o.version for o in onnx.load(str(out / contract.ONNX_FILE)).opset_import}[""] == 13
+    assert any("convert" in line for line in m["onnx_exporter"]["exporter_log"])
+
+
+def test_import_failures_are_not_taken_for_a_dynamo_failure(monkeypatch, tmp_path):
+    def legacy(*a, **k):
+        raise AssertionError("the legacy exporter must not be tried")
+
+    monkeypatch.setattr(exporters, "_onnx_legacy", legacy)
+    for raised in (AttributeError("module 'torch._dynamo' has no attribute 'exc'"),
+                   ImportError("cannot import name 'x' from partially initialized module 'onnxscript'")):
+        def dynamo(*a, raised=raised, **k):
+            raise RuntimeError("Failed to export the model with torch.export") from raised
+
+        monkeypatch.setattr(exporters, "_onnx_dynamo", dynamo)
+        with pytest.raises(exporters.ExportError, match="could not import"):
+            exporters.export_onnx(MLP(), tmp_path / "model.onnx")
+
+    def interrupted(*a, **k):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("swallowed by the exporter")
+
+    monkeypatch.setattr(exporters, "_onnx_dynamo", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        exporters.export_onnx(MLP(), tmp_path / "model.onnx")
+
+
+def test_ctrl_c_while_torch_dynamo_imports_is_one_line(fixture_ckpt, tmp_path):
+    """A Ctrl-C landing in torch._dynamo's import (simulated by an import hook) exits 130, no traceback."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+
+        class _CtrlC:
+            done = False
+
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch._dynamo.eval_frame" and not self.done:
+                    self.done = True
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, _CtrlC())
+    """))
+    r = run_py(["-m", "l2fast.export", str(fixture_ckpt), "--out", "out", "--limit", "20", "-q"], cwd=tmp_path,
+               pythonpath=(tmp_path / "hook", PKG_ROOT))
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and r.stderr.strip() == "interrupted", r.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hook"]
