@@ -40,7 +40,8 @@ PREPROCESSING = {
                               "aspect and center it by center of mass in 28x28 (MNIST's recipe)"),
 }
 
-_EXPECTED_BATCH = "[28,28], [N,28,28] or [N,1,28,28] images, uint8 0..255 or float 0..1"
+_255 = np.float32(255.0)
+_EXPECTED_BATCH = "[N,28,28] or [N,1,28,28] images (or one [28,28]), uint8 0..255 or float 0..1"
 
 
 def sha256_file(path):
@@ -57,26 +58,27 @@ def to_model_input(images, name="images"):
     Accepts one image [28, 28] or a batch [N, 28, 28] / [N, 1, 28, 28], uint8 in 0..255 (divided by
     255) or float16/32/64 in [0, 1]. Raises InputError naming `name` and what was expected.
     """
-    array = np.asarray(images)
-    if array.ndim == 2 and array.shape == (IMAGE_SIZE, IMAGE_SIZE):
-        array = array[None]
-    ok_shape = (array.ndim == 3 and array.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE)) or \
-               (array.ndim == 4 and array.shape[1:] == IMAGE_SHAPE)
-    if not ok_shape:
-        raise InputError(f"{name}: shape {list(array.shape)} {array.dtype}, expected {_EXPECTED_BATCH}")
-    if array.dtype == np.uint8:
+    array = images if type(images) is np.ndarray else np.asarray(images)
+    shape, dtype = array.shape, array.dtype
+    if shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE) or not (
+            len(shape) == 2 or len(shape) == 3 or (len(shape) == 4 and shape[1] == 1)):
+        raise InputError(f"{name}: shape {list(shape)} {dtype}, expected {_EXPECTED_BATCH}")
+    n = 1 if len(shape) == 2 else shape[0]
+    if dtype == np.uint8:
+        # astype + in-place division: at batch 1 ~0.5 µs cheaper than one mixed-type ufunc, as fast at 1024.
         x = array.astype(np.float32)
-        x *= np.float32(1.0 / 255.0)
-    elif array.dtype in (np.float16, np.float32, np.float64):
+        x /= _255
+        return x.reshape(n, *IMAGE_SHAPE)
+    if dtype == np.float32 or dtype == np.float64 or dtype == np.float16:
         x = array.astype(np.float32, copy=False)
-        if x.size and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
+        lo, hi = (x.min(), x.max()) if x.size else (0.0, 0.0)
+        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails both comparisons
             finite = np.isfinite(x)
             lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (float("nan"),) * 2
             raise InputError(f"{name}: float values span [{lo:g}, {hi:g}]"
                              f"{' with NaN/inf' if not finite.all() else ''}, expected {_EXPECTED_BATCH}")
-    else:
-        raise InputError(f"{name}: dtype {array.dtype} (shape {list(array.shape)}), expected {_EXPECTED_BATCH}")
-    return np.ascontiguousarray(x.reshape(len(x), *IMAGE_SHAPE))
+        return np.ascontiguousarray(x).reshape(n, *IMAGE_SHAPE)
+    raise InputError(f"{name}: dtype {dtype} (shape {list(shape)}), expected {_EXPECTED_BATCH}")
 
 
 def manifest_path(model_path):

@@ -151,7 +151,8 @@ def test_predictor_api_matches_eager(onnx_path, sample, eager_probs):
 def test_predictor_rejects_bad_arrays(onnx_path):
     p = infer.Predictor(onnx_path)
     for bad, needle in ((np.zeros((2, 32, 32), np.uint8), "shape [2, 32, 32]"),
-                        (np.zeros((28, 28), np.uint8), "shape [28, 28]"),
+                        (np.zeros((2, 2, 28, 28), np.uint8), "shape [2, 2, 28, 28]"),
+                        (np.zeros((28,), np.uint8), "shape [28]"),
                         (np.zeros((2, 28, 28), np.int64), "dtype int64"),
                         (np.full((2, 28, 28), 2.0), "span [2, 2]"),
                         (np.full((1, 28, 28), np.nan, np.float32), "NaN")):
@@ -257,7 +258,7 @@ def test_fit_modes(tmp_path):
     # a 28x28 image is used as is under --fit auto
     exact = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     Image.fromarray(exact).save(tmp_path / "exact.png")
-    assert np.array_equal(infer.load_image(tmp_path / "exact.png"), exact)
+    assert np.array_equal(infer.load_image(tmp_path / "exact.png", background="black"), exact)
 
 
 def test_transparent_png_is_flattened_onto_white(onnx_path, sample, tmp_path):
@@ -363,9 +364,8 @@ def test_usage_errors(onnx_path, inputs, capsys):
                           (["--threads", "0"], "--threads 0")):
         rc, out, err = run_infer([str(onnx_path), str(inputs / "d0.png"), *extra], capsys)
         assert rc == 2 and needle in err and out == ""
-    with pytest.raises(SystemExit) as e:  # argparse: no inputs
-        infer.cli([str(onnx_path)])
-    assert e.value.code == 2
+    rc, out, err = run_infer([str(onnx_path)], capsys)  # argparse: no inputs, one line too
+    assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and "INPUT" in err
 
 
 def test_manifest_sha256_rejects_a_corrupted_model(model_and_export, inputs, tmp_path, capsys):
@@ -419,7 +419,191 @@ def test_bench_infer_smoke(onnx_path, tmp_path):
     for row in doc["results"].values():
         assert row["p50_us"] > 0 and row["throughput_img_s"] > 0 and row["latency_samples"] == 60
     assert "| eager PyTorch |" in r.stdout and "target onnxruntime batch-1 p50" in r.stdout
+    # the Predictor row sits beside raw onnxruntime from the same uint8 input, with its ratios judged
+    assert {"l2fast Predictor from uint8", "onnxruntime run from uint8 (raw)"} <= set(doc["results"])
+    assert doc["targets"]["predictor_p50_vs_raw"] > 0 and set(doc["targets"]["met"]) >= {"predictor_p50", "predictor_throughput"}
+    assert "target Predictor batch-1 p50 <= 1.5x raw onnxruntime" in r.stdout
     r = subprocess.run([sys.executable, "-m", "l2fast.bench", "infer", "--model", str(tmp_path / "nope.onnx")],
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PKG_ROOT)}, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not found" in r.stderr
+
+
+# ----------------------------------------------------------------------------- issue 8: the Predictor
+
+def test_predictor_takes_one_image_without_a_batch_axis(onnx_path, sample):
+    p = infer.Predictor(onnx_path, threads=1)
+    batch = p.predict(sample.test_images[:3])
+    for i in range(3):
+        one = p.predict(sample.test_images[i])  # [28, 28]
+        assert one.classes.shape == (1,) and one.probabilities.shape == (1, 10)
+        assert one.classes[0] == batch.classes[i]
+        assert np.abs(one.probabilities[0] - batch.probabilities[i]).max() < 1e-6
+    # a strided view (a column slice of a wider canvas) is a valid image too
+    canvas = np.zeros((28, 56), np.uint8)
+    canvas[:, ::2] = sample.test_images[0]
+    view = canvas[:, ::2]
+    assert not view.flags.c_contiguous
+    assert p.predict(view).classes[0] == batch.classes[0]
+
+
+def test_softmax_matches_a_float64_reference():
+    from l2fast.predictor import softmax_argmax
+
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 1024):
+        for scale in (1.0, 40.0, 300.0):  # 300: the logits overflow exp() unless shifted
+            z = (rng.standard_normal((n, 10)) * scale).astype(np.float32)
+            ref = np.exp(z.astype(np.float64) - z.max(1, keepdims=True))
+            ref /= ref.sum(1, keepdims=True)
+            classes, probs = softmax_argmax(z.copy())
+            assert probs.dtype == np.float32 and classes.dtype == np.int64
+            assert np.isfinite(probs).all() and np.abs(probs - ref).max() < 1e-6, (n, scale)
+            assert (classes == z.argmax(1)).all()
+
+
+# ----------------------------------------------------------------------------- issue 9: bounded inputs
+
+def _peak_rss_mb(argv, cwd, timeout=300):
+    """Run the infer CLI in a fresh Python (torch blocked), stdout to /dev/null; (exit code, peak RSS MB, stderr)."""
+    # VmHWM, not getrusage's ru_maxrss: that one keeps the high-water mark of the forking pytest across exec.
+    code = ("import sys; from l2fast import infer; "
+            f"rc = infer.cli({argv!r}); sys.stdout.flush(); "
+            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]; "
+            "print('PEAK_KB', hwm[0], file=sys.stderr); sys.exit(rc)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    block = Path(cwd) / "_block_torch"
+    block.mkdir(exist_ok=True)
+    (block / "sitecustomize.py").write_text(TORCH_BLOCKER)
+    env["PYTHONPATH"] = os.pathsep.join([str(block), str(PKG_ROOT)])
+    with open(os.devnull, "w") as devnull:
+        r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, stdout=devnull, stderr=subprocess.PIPE,
+                           text=True, timeout=timeout)
+    peak = [line for line in r.stderr.splitlines() if line.startswith("PEAK_KB")]
+    return r.returncode, (int(peak[0].split()[1]) / 1024 if peak else None), r.stderr
+
+
+N_BIG = 200_000  # 157 MB of pixels: ~1 GB peak when read whole and converted to float32 at once
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS read from /proc/self/status (Linux)")
+def test_large_gzip_idx_and_npy_stream_with_bounded_memory(onnx_path, sample, tmp_path):
+    import gzip
+
+    digits = np.tile(sample.test_images[:1000], (N_BIG // 1000, 1, 1))
+    with gzip.open(tmp_path / "big-idx3-ubyte.gz", "wb", compresslevel=1) as f:
+        f.write(bytes([0, 0, 8, 3]) + np.asarray([N_BIG, 28, 28], ">u4").tobytes())
+        for i in range(0, N_BIG, 10_000):
+            f.write(digits[i:i + 10_000].tobytes())
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(N_BIG, 28, 28))
+    big[:] = digits
+    big.flush()
+    del big, digits
+    assert (tmp_path / "big-idx3-ubyte.gz").stat().st_size < 40e6
+    for name in ("big-idx3-ubyte.gz", "big.npy"):
+        rc, peak_mb, err = _peak_rss_mb([str(onnx_path), name, "--threads", "1"], tmp_path)
+        assert rc == 0, err[-2000:]
+        # Read whole, this input alone is 157 MB of uint8 and 627 MB as float32.
+        assert peak_mb < 400, (name, peak_mb)
+
+
+def test_npy_header_claiming_more_than_the_file_holds(onnx_path, inputs, capsys):
+    header = {"descr": "|u1", "fortran_order": False, "shape": (10 ** 9, 28, 28)}
+    with open(inputs / "bomb.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(72))
+    assert (inputs / "bomb.npy").stat().st_size < 300
+    argv = [str(onnx_path), str(inputs / "d0.png"), str(inputs / "bomb.npy"), str(inputs / "u8.npy")]
+    rc, out, err = run_infer(argv, capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert len(out.splitlines()) == 1 + 8
+    line = [e for e in err.splitlines() if "bomb.npy" in e]
+    assert len(line) == 1 and line[0].startswith("error: ")
+    assert "784,000,000,000 bytes" in line[0] and "holds 72 bytes" in line[0] and "truncated" in line[0]
+
+
+def test_cut_gzip_idx_is_named_and_the_others_answered(onnx_path, inputs, capsys):
+    data = (inputs / "imgs-idx3-ubyte.gz").read_bytes()
+    (inputs / "cut-idx3-ubyte.gz").write_bytes(data[: len(data) * 2 // 3])
+    rc, out, err = run_infer([str(onnx_path), str(inputs / "cut-idx3-ubyte.gz"), str(inputs / "d0.png")], capsys)
+    assert rc == 1 and "Traceback" not in err
+    assert out.startswith(str(inputs / "d0.png")) and len(out.splitlines()) == 1
+    assert f"error: {inputs / 'cut-idx3-ubyte.gz'}: " in err and "truncated" in err
+
+
+# ----------------------------------------------------------------------------- issue 9: exit-2 contract
+
+def test_threads_out_of_range_is_one_line_not_a_hang(onnx_path, inputs):
+    r = run_py(["-m", "l2fast.infer", str(onnx_path), "d0.png", "--threads", "100000"], cwd=inputs, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --threads 100000: expected 1..")
+    with pytest.raises(infer.UsageError, match="threads=100000"):
+        infer.Predictor(onnx_path, threads=100000)
+
+
+def test_model_that_fails_at_run_time(inputs, tmp_path, capsys):
+    import onnx
+    from onnx import TensorProto, helper
+
+    # The l2fast signature, but Gather reads column 999 of a 784-wide row: onnxruntime fails in run().
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])
+    idx = helper.make_tensor("idx", TensorProto.INT64, [10], [999] * 10)
+    nodes = [helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+             helper.make_node("Gather", ["flat", "idx"], ["logits"], axis=1)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [idx]), opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    rc, out, err = run_infer([str(tmp_path / "broken.onnx"), str(inputs / "d0.png")], capsys)
+    assert rc == 2 and out == "" and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(tmp_path / "broken.onnx") in errors[0] and "failed to run" in errors[0]
+
+
+# ----------------------------------------------------------------------------- issue 9: silent wrong predictions
+
+def test_16bit_png_and_int32_float_tiffs_keep_their_grey_levels(sample, tmp_path):
+    from PIL import Image
+
+    digit = sample.test_images[0]
+    Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "d16.png")
+    Image.fromarray(digit.astype(np.int32) * 257).save(tmp_path / "d32.tif")
+    Image.fromarray(digit.astype(np.float32) / 255).save(tmp_path / "df.tif")
+    assert Image.open(tmp_path / "d16.png").mode.startswith("I")
+    for name in ("d16.png", "d32.tif", "df.tif"):
+        got = infer.load_image(tmp_path / name, background="black")
+        assert np.abs(got.astype(int) - digit.astype(int)).max() <= 1, name
+        assert len(np.unique(got)) > 2, name
+
+
+def test_white_digit_on_transparent_background_is_kept(sample, tmp_path):
+    from PIL import Image
+
+    digit = sample.test_images[0]
+    rgba = np.zeros((28, 28, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = digit  # white ink whose opacity is the digit, nothing behind it
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "chalk.png")
+    for background in ("auto", "black"):
+        got = infer.load_image(tmp_path / "chalk.png", background=background)
+        assert np.abs(got.astype(int) - digit.astype(int)).max() <= 1, background
+
+
+def test_dark_digit_on_paper_is_right_by_default_and_black_warns(onnx_path, sample, tmp_path, capsys):
+    from PIL import Image
+
+    imgs = sample.test_images[:10]
+    names = []
+    for i, im in enumerate(imgs):
+        Image.fromarray(255 - im).save(tmp_path / f"paper{i}.png")
+        names.append(str(tmp_path / f"paper{i}.png"))
+    ref = infer.Predictor(onnx_path).predict(imgs).classes.tolist()
+    rc, out, err = run_infer([str(onnx_path), *names, "--json"], capsys)  # no --background: the default
+    assert rc == 0, err
+    assert [json.loads(line)["class"] for line in out.splitlines()] == ref
+    assert "warning:" not in err
+    rc, out, err = run_infer([str(onnx_path), *names, "--json", "--background", "black"], capsys)
+    assert rc == 0
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) >= len(names) and all("--background" in w for w in warned)
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert all(any("border is light" in w for w in r["warnings"]) for r in recs)

@@ -1,0 +1,371 @@
+"""Inference inputs -> batches of MNIST-like digits: image files, .npy arrays, IDX files; torch-free.
+
+`iter_batches(path, ...)` yields `Batch(images, start)` chunks of at most `batch_size` images, so a
+file of any size goes through the model with bounded memory: .npy and IDX files are read chunk by
+chunk after their headers were checked against the file's real size (a gzipped IDX is inflated
+incrementally). `images` is uint8 [n,28,28] (0..255) or float32 [n,1,28,28] (0..1), white digit on
+black, what `l2fast.contract.to_model_input` takes. Problems raise InputError naming the file; a
+problem found while reading (a cut gzip stream) is raised after the chunks before it were yielded.
+
+Image files (PNG, JPEG, TIFF, anything Pillow decodes), `load_image`:
+  1. grayscale at the image's real bit depth: 8-bit as is; 16-bit (PNG, TIFF) divided by 65535; a
+     32-bit integer image by the depth its values use (8, 16 or 32 bits); a float image in [0, 1]
+     times 255 (0..255 taken as is). Transparency is composited onto black when the opaque pixels
+     are light and onto white when they are dark, so the digit stays visible;
+  2. polarity (`background`): the model wants MNIST's white digit on black. `auto` (the default)
+     inverts when the mean of the 1-pixel border is above 127.5 (a light background); `black`
+     takes the image as is; `white` inverts it;
+  3. size (`fit`): `mnist` crops the digit's bounding box (pixels above FIT_THRESHOLD after step 2),
+     scales it with LANCZOS so its longer side is 20 px, aspect kept, and pastes it into a black
+     28x28 image with its center of mass at the center (MNIST's recipe); `stretch` resizes the
+     whole image to 28x28; `none` requires 28x28; `auto` (default): `none` for 28x28, else `mnist`.
+  A FitWarning (a UserWarning) says when the result looks wrong: no digit left, most of the image
+  foreground (wrong polarity?), or a light border kept with `background="black"`.
+Arrays (.npy [N,28,28]/[N,1,28,28]/[28,28], uint8 or float in [0,1]; IDX uint8 [N,28,28]) are taken
+as MNIST-like; `background` applies per image the same way.
+"""
+import gzip
+import os
+import warnings
+import zlib
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from .contract import IMAGE_SIZE
+from .errors import InputError
+
+FIT_BOX = 20  # MNIST: the digit's bounding box is scaled to fit 20x20, then centered in 28x28
+FIT_THRESHOLD = 64  # pixels above this (after polarity) belong to the digit; 64 ignores JPEG noise
+BACKGROUNDS = ("auto", "black", "white")
+FITS = ("auto", "mnist", "stretch", "none")
+DEFAULT_BATCH = 1024
+_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+_NPY_MAGIC = b"\x93NUMPY"
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"
+_EXPECTED_ARRAY = "[N,28,28] or [N,1,28,28] images (or one [28,28]), uint8 0..255 or float 0..1"
+_EXPECTED_IDX = "expected an IDX image file, uint8 [N,28,28]"
+
+
+class FitWarning(UserWarning):
+    """An image was read, but what the model will see probably is not a digit as MNIST draws it."""
+
+
+class Batch(NamedTuple):
+    images: np.ndarray  # uint8 [n,28,28] or float32 [n,1,28,28] in [0,1], white digit on black
+    start: Optional[int]  # index of images[0] within the input; None for an image file (one image)
+
+
+# ------------------------------------------------------------------------------------ polarity
+
+def border_means(images):
+    """Mean of each image's 1-pixel border, in the images' own units: [n,28,28] (or [n,1,28,28]) -> [n]."""
+    x = images.reshape(len(images), IMAGE_SIZE, IMAGE_SIZE)
+    total = (x[:, 0, :].sum(1, dtype=np.float64) + x[:, -1, :].sum(1, dtype=np.float64)
+             + x[:, 1:-1, 0].sum(1, dtype=np.float64) + x[:, 1:-1, -1].sum(1, dtype=np.float64))
+    return total / (4 * IMAGE_SIZE - 4)
+
+
+def apply_background(images, background):
+    """White-on-black images for a chunk of uint8 (0..255) or float (0..1) images; `auto` decides per image."""
+    if background == "black":
+        return images
+    top = 255 if images.dtype == np.uint8 else 1.0
+    if background == "white":
+        return top - images
+    flip = border_means(images) > top / 2
+    if flip.any():
+        images = images.copy()
+        images[flip] = top - images[flip]
+    return images
+
+
+def _gray_needs_invert(gray):
+    g = gray.astype(np.float64)
+    border = np.concatenate([g[0, :], g[-1, :], g[1:-1, 0], g[1:-1, -1]]) if min(g.shape) > 1 else g.ravel()
+    return float(border.mean()) > 127.5, float(border.mean())
+
+
+# ------------------------------------------------------------------------------------ image files
+
+def _to_gray(im, path):
+    """A decoded Pillow image -> uint8 [H,W] grayscale, by its real bit depth and with transparency kept."""
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return _scale(np.asarray(im).astype(np.float64), 16, path)
+    if mode == "I":
+        values = np.asarray(im).astype(np.int64)
+        bps = getattr(im, "tag_v2", {}).get(258, 32)  # TIFF BitsPerSample; a PNG in mode I has 16
+        declared = 16 if im.format == "PNG" else int(bps[0] if isinstance(bps, tuple) else bps)
+        top = int(values.max()) if values.size else 0
+        bits = declared if declared < 32 else next(b for b in (8, 16, 32) if top < 2 ** b)
+        if values.size and values.min() < 0:
+            warnings.warn(f"{path}: negative pixel values (down to {int(values.min())}) read as 0", FitWarning,
+                          stacklevel=3)
+        return _scale(np.clip(values, 0, None).astype(np.float64), bits, path)
+    if mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        finite = np.isfinite(values)
+        lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (np.nan, np.nan)
+        if not finite.all() or lo < 0 or hi > 255:
+            raise InputError(f"{path}: float image values span [{lo:g}, {hi:g}]"
+                             f"{' with NaN/inf' if not finite.all() else ''}; expected 0..1 (or 0..255)")
+        return np.rint(values * (255.0 if hi <= 1.0 else 1.0)).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+        lum = np.asarray(Image.fromarray(rgba[..., :3].astype(np.uint8), "RGB").convert("L"), dtype=np.float64)
+        alpha = rgba[..., 3] / 255.0
+        # The ink is what is opaque: put it on the background it contrasts with.
+        ink = (lum * alpha).sum() / alpha.sum() if alpha.sum() > 0 else 0.0
+        background = 0.0 if ink > 127.5 else 255.0
+        return np.rint(lum * alpha + background * (1.0 - alpha)).astype(np.uint8)
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def _scale(values, bits, path):
+    return np.rint(np.clip(values, 0, 2 ** bits - 1) * (255.0 / (2 ** bits - 1))).astype(np.uint8)
+
+
+def decode_image(path):
+    """An image file -> uint8 [H,W] grayscale (step 1 of the recipe); raises InputError."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise InputError(f"{path}: reading image files needs Pillow ({e}); pip install pillow") from None
+    try:
+        with Image.open(path) as im:
+            im.load()
+            gray = _to_gray(im, path)
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: cannot decode it as an image (expected PNG/JPEG/... , a .npy array "
+                         f"or an IDX file)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: cannot decode the image ({' '.join(str(e).split())[:200]}); "
+                         f"expected a complete image file (PNG, JPEG, ...)") from None
+    if gray.size == 0:
+        raise InputError(f"{path}: empty image")
+    return gray
+
+
+def fit_mnist(gray):
+    """uint8 [H,W] white-on-black -> uint8 [28,28]: bounding box into 20x20 (aspect kept), centered by mass."""
+    from PIL import Image
+
+    mask = gray > FIT_THRESHOLD
+    if not mask.any():
+        return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    h, w = crop.shape
+    scale = FIT_BOX / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    small = np.asarray(Image.fromarray(crop).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.uint8)
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float64)
+    weights = small.astype(np.float64)
+    total = weights.sum()
+    if total > 0:
+        cy = (weights.sum(axis=1) * np.arange(nh)).sum() / total
+        cx = (weights.sum(axis=0) * np.arange(nw)).sum() / total
+    else:
+        cy, cx = (nh - 1) / 2, (nw - 1) / 2
+    center = (IMAGE_SIZE - 1) / 2
+    top = int(np.clip(round(center - cy), 0, IMAGE_SIZE - nh))
+    left = int(np.clip(round(center - cx), 0, IMAGE_SIZE - nw))
+    canvas[top:top + nh, left:left + nw] = weights
+    return canvas.astype(np.uint8)
+
+
+def load_image(path, background="auto", fit="auto"):
+    """An image file -> uint8 [28,28] white digit on black, by the recipe in the module docstring.
+
+    Warns (FitWarning) when the result looks wrong; raises InputError when it cannot be read.
+    """
+    if background not in BACKGROUNDS or fit not in FITS:
+        raise ValueError(f"background={background!r}, fit={fit!r}: expected one of {BACKGROUNDS} / {FITS}")
+    gray = decode_image(path)
+    light_border, border = _gray_needs_invert(gray)
+    if background == "white" or (background == "auto" and light_border):
+        gray = 255 - gray
+    elif background == "black" and light_border:
+        warnings.warn(f"{path}: its border is light (mean {border:.0f} of 255) but background='black' takes it as "
+                      f"the background of a light digit; a dark digit on paper needs --background auto or white",
+                      FitWarning, stacklevel=2)
+    mask = gray > FIT_THRESHOLD
+    if not mask.any():
+        warnings.warn(f"{path}: no digit found (no pixel above {FIT_THRESHOLD} after polarity); the prediction "
+                      f"is a guess", FitWarning, stacklevel=2)
+    elif mask.mean() > 0.5:
+        warnings.warn(f"{path}: {mask.mean():.0%} of the image is foreground after polarity (MNIST digits cover "
+                      f"about 20%): wrong --background?", FitWarning, stacklevel=2)
+    if fit == "auto":
+        fit = "none" if gray.shape == (IMAGE_SIZE, IMAGE_SIZE) else "mnist"
+    if fit == "mnist":
+        return fit_mnist(gray)
+    if fit == "stretch":
+        if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
+            return gray
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(gray).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS),
+                          dtype=np.uint8)
+    if gray.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise InputError(f"{path}: {gray.shape[1]}x{gray.shape[0]} pixels, expected 28x28 with --fit none")
+    return gray
+
+
+# ------------------------------------------------------------------------------------ arrays
+
+def _check_array_header(name, shape, dtype):
+    """Images per item and the per-chunk conversion for a claimed (shape, dtype); raises InputError."""
+    if dtype.hasobject:
+        raise InputError(f"{name}: an array of Python objects, expected {_EXPECTED_ARRAY}")
+    ok = shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE) and (len(shape) in (2, 3) or (len(shape) == 4 and shape[1] == 1))
+    if not ok:
+        raise InputError(f"{name}: shape {list(shape)} {dtype}, expected {_EXPECTED_ARRAY}")
+    if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
+        return
+    if dtype != np.uint8:
+        raise InputError(f"{name}: dtype {dtype} (shape {list(shape)}), expected {_EXPECTED_ARRAY}")
+
+
+def _chunk_to_images(raw, dtype, name, start):
+    """A chunk read from an array file -> uint8 [n,28,28] or float32 [n,1,28,28] in [0,1]."""
+    if dtype == np.uint8:
+        return raw.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
+    x = raw.astype(np.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    lo, hi = (x.min(), x.max()) if x.size else (0.0, 0.0)
+    if not (lo >= 0.0 and hi <= 1.0):
+        finite = np.isfinite(x)
+        lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (float("nan"),) * 2
+        where = f" (images {start}..{start + len(x) - 1})" if start else ""
+        raise InputError(f"{name}: float values span [{lo:g}, {hi:g}]{' with NaN/inf' if not finite.all() else ''}"
+                         f"{where}, expected {_EXPECTED_ARRAY}")
+    return x
+
+
+def _npy_batches(path, name, f, batch_size, background):
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} (only 1.0 and 2.0 hold plain arrays)")
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise InputError(f"{name}: not a readable .npy array ({' '.join(str(e).split())[:200]}); "
+                         f"expected one array saved with numpy.save") from None
+    _check_array_header(name, shape, dtype)
+    offset = f.tell()
+    count = int(np.prod(shape, dtype=np.int64)) // _PIXELS
+    claimed = count * _PIXELS * dtype.itemsize
+    actual = os.fstat(f.fileno()).st_size - offset
+    if actual != claimed:  # before allocating anything: a 200-byte file may claim 784 GB
+        raise InputError(f"{name}: its header claims shape {list(shape)} {dtype} ({claimed:,} bytes) but the file "
+                         f"holds {actual:,} bytes after the header: truncated or corrupted; expected one array "
+                         f"saved with numpy.save")
+    native = dtype.newbyteorder("=")
+    if fortran and len(shape) > 2:
+        # Images are not contiguous in a Fortran-order file: memory-map it and copy chunk by chunk.
+        mm = np.lib.format.open_memmap(path, mode="r")
+        for start in range(0, count, batch_size):
+            raw = np.ascontiguousarray(mm[start:start + batch_size]).astype(native, copy=False)
+            yield Batch(apply_background(_chunk_to_images(raw, native, name, start), background), start)
+        return
+    for start in range(0, count, batch_size):
+        n = min(batch_size, count - start)
+        raw = np.fromfile(f, dtype=dtype, count=n * _PIXELS)
+        if raw.size != n * _PIXELS:
+            raise InputError(f"{name}: ended at image {start + raw.size // _PIXELS} of {count}: truncated while read")
+        raw = raw.astype(native, copy=False)
+        yield Batch(apply_background(_chunk_to_images(raw, native, name, start), background), start)
+
+
+def _read_exact(f, n, name, what):
+    data = f.read(n)
+    if len(data) != n:
+        raise InputError(f"{name}: {what} cut short ({len(data)} of {n} bytes): truncated; {_EXPECTED_IDX}")
+    return data
+
+
+def _idx_batches(path, name, batch_size, background):
+    gz = False
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == _GZIP_MAGIC
+        size = os.fstat(raw.fileno()).st_size
+        if gz:
+            raw.seek(max(0, size - 4))
+            isize = int.from_bytes(raw.read(4), "little")  # gzip trailer: inflated size mod 2**32
+    stream = gzip.open(path, "rb") if gz else open(path, "rb")
+    with stream as f:
+        try:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0":
+                raise InputError(f"{name}: not an IDX file (expected magic bytes 00 00 <dtype code> <ndim>, got "
+                                 f"{head.hex(' ') or 'an empty file'}); {_EXPECTED_IDX}")
+            code, ndim = head[2], head[3]
+            shape = tuple(int(d) for d in np.frombuffer(_read_exact(f, 4 * ndim, name, "IDX header"), ">u4"))
+            dtype = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
+                     0x0E: "float64"}.get(code, f"code 0x{code:02x}")
+            if code != 0x08 or len(shape) != 3 or shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+                raise InputError(f"{name}: shape {list(shape)} {dtype}; {_EXPECTED_IDX}")
+            count = shape[0]
+            claimed = 4 + 4 * ndim + count * _PIXELS
+            if not gz and size != claimed:
+                raise InputError(f"{name}: header says shape {shape} ({claimed:,} bytes) but the file holds "
+                                 f"{size:,} bytes: truncated or corrupted; {_EXPECTED_IDX}")
+            if gz and isize != claimed % 2 ** 32:
+                raise InputError(f"{name}: header says shape {shape} ({claimed:,} bytes) but the gzip trailer "
+                                 f"says {isize:,} bytes (mod 2**32): truncated or corrupted; {_EXPECTED_IDX}")
+            for start in range(0, count, batch_size):
+                n = min(batch_size, count - start)
+                data = f.read(n * _PIXELS)
+                if len(data) != n * _PIXELS:
+                    raise InputError(f"{name}: data ended at image {start + len(data) // _PIXELS} of {count}: "
+                                     f"truncated; {_EXPECTED_IDX}")
+                images = np.frombuffer(data, np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE)
+                yield Batch(apply_background(images, background), start)
+            if f.read(1):
+                raise InputError(f"{name}: holds more data than its header's {count} images; {_EXPECTED_IDX}")
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise InputError(f"{name}: cannot decompress it as gzip ({' '.join(str(e).split())[:200]}); "
+                             f"expected a gzipped IDX image file") from None
+
+
+def iter_batches(path, background="auto", fit="auto", batch_size=DEFAULT_BATCH):
+    """Yield Batch(images, start) chunks of at most batch_size images from one input file.
+
+    Raises InputError naming the file: before the first chunk for anything its header or size
+    shows, or after the chunks read so far for damage found while streaming.
+    """
+    if background not in BACKGROUNDS or fit not in FITS:
+        raise ValueError(f"background={background!r}, fit={fit!r}: expected one of {BACKGROUNDS} / {FITS}")
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise InputError(f"{name}: file not found")
+    if path.is_dir():
+        raise InputError(f"{name}: is a folder, expected an image, .npy or IDX file")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"{name}: cannot read it ({e.strerror or e})") from None
+    with f:
+        head = f.read(8)
+        if head.startswith(_ZIP_MAGIC) and path.suffix.lower() in (".npy", ".npz"):
+            raise InputError(f"{name}: holds several arrays (.npz), expected one .npy array")
+        if head.startswith(_NPY_MAGIC) or path.suffix.lower() == ".npy":
+            f.seek(0)
+            yield from _npy_batches(path, name, f, batch_size, background)
+            return
+    if head.startswith(_GZIP_MAGIC) or (len(head) >= 4 and head[:2] == b"\0\0"):
+        try:
+            yield from _idx_batches(path, name, batch_size, background)
+        except OSError as e:
+            raise InputError(f"{name}: cannot read it ({e.strerror or e})") from None
+        return
+    yield Batch(load_image(path, background, fit)[None], None)
