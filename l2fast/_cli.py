@@ -1,4 +1,5 @@
 """The one place where CLIs turn library exceptions into a one-line message and an exit code."""
+import argparse
 import sys
 
 from .errors import L2fastError, UsageError
@@ -7,12 +8,20 @@ from .errors import L2fastError, UsageError
 CLIError = UsageError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageError, so that run() prints them as one line with exit 2
+    (argparse itself prints the usage block and the error on two or more lines)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def error(message, file=None):
     """Print `error: <message>` on one line (newlines and runs of spaces folded) to stderr."""
     print("error: " + " ".join(str(message).split()), file=file or sys.stderr, flush=True)
 
 
-def run(main, argv=None, user_errors=()):
+def run(main, argv=None):
     """Call main(argv) and return its exit code.
 
     An L2fastError becomes `error: ...` and its exit_code (2 for usage and data errors, 1 for
@@ -22,9 +31,6 @@ def run(main, argv=None, user_errors=()):
     """
     try:
         return main(argv)
-    except tuple(user_errors) as e:  # round-1 callers; L2fastError subclasses need no listing
-        error(e)
-        return 2
     except L2fastError as e:
         error(e)
         return e.exit_code

@@ -7,14 +7,17 @@ sample bundled with l2fast. numpy only; torchvision is imported by `download` al
     <data_dir>/MNIST/raw/t10k-labels-idx1-ubyte[.gz]     uint8 [10000]
 
 (`FashionMNIST/raw/...` for fashion-mnist). Every file is checked: a malformed one raises
-DataError with a one-line message that names it.
+DataError with a one-line message that names it. A header claiming more examples than the dataset
+has (MAX_EXAMPLES) is refused before anything is inflated or allocated.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .idx import IDXError, read_idx
+from .contract import MNIST_LABELS
+from .errors import DataError
+from .idx import read_idx
 
 DATASETS = ("auto", "mnist", "sample", "fashion-mnist")
 SAMPLE_DIR = Path(__file__).parent / "data" / "mnist_sample"
@@ -25,14 +28,9 @@ _FILES = {  # (split, what) -> file name without .gz
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
-MNIST_CLASSES = [f"{d} - {name}" for d, name in enumerate(
-    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])]
+MAX_EXAMPLES = {"train": 60_000, "test": 10_000}  # MNIST's and Fashion-MNIST's split sizes
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
-
-
-class DataError(ValueError):
-    """A missing or malformed dataset; the one-line message names the file and what was expected."""
 
 
 @dataclass
@@ -43,7 +41,7 @@ class MnistData:
     train_labels: np.ndarray  # int64 [N]
     test_images: np.ndarray
     test_labels: np.ndarray
-    classes: list = field(default_factory=lambda: list(MNIST_CLASSES))
+    classes: list = field(default_factory=lambda: list(MNIST_LABELS))
 
 
 def raw_dir(name, data_dir="data"):
@@ -67,14 +65,11 @@ def is_present(name, data_dir="data"):
     return any(_find(folder, stem) for stem in _FILES.values())
 
 
-def _read(folder, stem, ndim_shape, what):
+def _read(folder, stem, ndim_shape, what, max_items):
     path = _find(folder, stem)
     if path is None:
         raise DataError(f"{folder / stem}[.gz]: file not found (expected the {what})")
-    try:
-        array = read_idx(path)
-    except IDXError as e:
-        raise DataError(str(e)) from None
+    array = read_idx(path, max_items=max_items)
     if array.dtype != np.uint8 or array.ndim != len(ndim_shape) or array.shape[1:] != ndim_shape[1:]:
         expected = " x ".join("N" if d is None else str(d) for d in ndim_shape)
         raise DataError(f"{path}: expected {what} as uint8 [{expected}], got {array.dtype} "
@@ -83,9 +78,9 @@ def _read(folder, stem, ndim_shape, what):
 
 
 def _read_split(folder, split):
-    images_path, images = _read(folder, _FILES[split, "images"], (None, 28, 28),
-                                f"{split} images")
-    labels_path, labels = _read(folder, _FILES[split, "labels"], (None,), f"{split} labels")
+    images_path, images = _read(folder, _FILES[split, "images"], (None, 28, 28), f"{split} images",
+                                MAX_EXAMPLES[split])
+    labels_path, labels = _read(folder, _FILES[split, "labels"], (None,), f"{split} labels", MAX_EXAMPLES[split])
     if len(images) != len(labels):
         raise DataError(f"{labels_path}: holds {len(labels)} labels but {images_path.name} holds "
                         f"{len(images)} images (expected the same count)")
@@ -103,7 +98,7 @@ def _load(name, folder, describe):
     counts = f"{len(train_images):,} train / {len(test_images):,} test"
     return MnistData(name=name, source=describe(counts), train_images=train_images,
                      train_labels=train_labels, test_images=test_images, test_labels=test_labels,
-                     classes=list(FASHION_CLASSES if name == "fashion-mnist" else MNIST_CLASSES))
+                     classes=list(FASHION_CLASSES if name == "fashion-mnist" else MNIST_LABELS))
 
 
 def load_dataset(name="auto", data_dir="data"):

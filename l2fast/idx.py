@@ -2,52 +2,147 @@
 
 Layout: 2 zero bytes, a dtype code, the number of dimensions, one big-endian uint32 per
 dimension, then the values, big-endian, row-major.
+
+Reading is bounded: the header's claimed size is checked against the file's real size (or, for
+gzip, against the most deflate can inflate that many bytes to) and the caller's item limit before
+anything is allocated, and a gzip file is inflated piece by piece into an array of exactly the
+claimed size, so a gzip bomb costs no more memory than its header admits.
 """
 import gzip
+import io
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ._io import atomic_write_bytes
+from .errors import DataError
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
            0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 _CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
+DEFLATE_MAX_RATIO = 1032  # deflate's limit: one compressed byte never inflates to more than ~1032
+_CHUNK = 1 << 22
 
 
-class IDXError(ValueError):
+class IDXError(DataError):
     """A file that is not a well-formed IDX file; the message names the file."""
 
 
-def read_idx(path):
-    """The array stored in an IDX file (`.gz` is decompressed); raises IDXError when malformed."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except FileNotFoundError:
-        raise IDXError(f"{path}: file not found") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise IDXError(f"{path}: cannot read it as {'gzip' if path.suffix == '.gz' else 'a file'} ({e})") from None
-    return parse_idx(raw, str(path))
+class IDXReader:
+    """An IDX file opened for reading in pieces: `shape`, `dtype`, then `read(count)` for the next
+    items along the first axis. `max_items` bounds the first dimension the header may claim.
+
+    `source` is a path (a `.gz` name is inflated) or a binary file object (then give `name`).
+    """
+
+    def __init__(self, source, max_items=None, name=None, compressed=None):
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            self.name = name or str(path)
+            compressed = path.suffix == ".gz" if compressed is None else compressed
+            try:
+                self._raw = open(path, "rb")
+            except FileNotFoundError:
+                raise IDXError(f"{self.name}: file not found") from None
+            except OSError as e:
+                raise IDXError(f"{self.name}: cannot read it ({e.strerror or e})") from None
+        else:
+            self.name, self._raw = name or "<bytes>", source
+        self.compressed = bool(compressed)
+        self.file_size = self._raw.seek(0, io.SEEK_END)
+        self._raw.seek(0)
+        self._f = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
+        try:
+            self._read_header(max_items)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self, max_items):
+        head = self._read(4)
+        if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _DTYPES:
+            raise IDXError(f"{self.name}: not an IDX file (expected magic bytes 00 00 <dtype code> <ndim>, "
+                           f"got {head.hex(' ') or 'an empty file'})")
+        self.dtype, ndim = np.dtype(_DTYPES[head[2]]), head[3]
+        dims = self._read(4 * ndim)
+        if ndim == 0 or len(dims) < 4 * ndim:
+            raise IDXError(f"{self.name}: IDX header truncated or without dimensions")
+        self.header_bytes = 4 + 4 * ndim
+        self.shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+        self.item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.nbytes = self.shape[0] * self.item_bytes
+        total = self.header_bytes + self.nbytes
+        if max_items is not None and self.shape[0] > max_items:
+            raise IDXError(f"{self.name}: header claims {self.shape[0]:,} items (shape {self.shape}), more than "
+                           f"the {max_items:,} expected here")
+        if self.compressed and total > self.file_size * DEFLATE_MAX_RATIO:
+            raise IDXError(f"{self.name}: header claims shape {self.shape} ({total:,} bytes), more than a "
+                           f"{self.file_size:,}-byte gzip file can inflate to: corrupted")
+        if not self.compressed and total != self.file_size:
+            raise IDXError(f"{self.name}: header says shape {self.shape} ({total} bytes) but the file holds "
+                           f"{self.file_size} bytes: truncated or corrupted")
+        self._left = self.shape[0]
+
+    def _read(self, n):
+        try:
+            return self._f.read(n)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise IDXError(f"{self.name}: cannot read it as {'gzip' if self.compressed else 'a file'} "
+                           f"({e})") from None
+
+    def read(self, count=None):
+        """The next `count` items (all that are left when None) as a native-byte-order array."""
+        n = self._left if count is None else min(int(count), self._left)
+        buf = np.empty(n * self.item_bytes, dtype=np.uint8)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            try:
+                got = self._f.readinto(view[done:done + _CHUNK])
+            except (OSError, EOFError, zlib.error) as e:
+                raise IDXError(f"{self.name}: cannot read it as {'gzip' if self.compressed else 'a file'} "
+                               f"({e})") from None
+            if not got:
+                raise IDXError(f"{self.name}: header says shape {self.shape} but the data ends early: "
+                               f"truncated or corrupted")
+            done += got
+        self._left -= n
+        array = buf.view(self.dtype).reshape(n, *self.shape[1:])
+        return array if self.dtype.byteorder in "=|" else array.astype(self.dtype.newbyteorder("="))
+
+    def check_end(self):
+        """IDXError when bytes follow the data the header describes."""
+        if self._read(1):
+            raise IDXError(f"{self.name}: holds more data than its header's shape {self.shape}: corrupted")
+
+    def close(self):
+        if self._f is not self._raw:
+            self._f.close()
+        self._raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_idx(path, max_items=None):
+    """The array stored in an IDX file (`.gz` is inflated); IDXError when malformed, or when the
+    header claims more than `max_items` items or more bytes than the file can hold."""
+    with IDXReader(path, max_items=max_items) as reader:
+        array = reader.read()
+        reader.check_end()
+    return array
 
 
 def parse_idx(raw, name="<bytes>"):
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise IDXError(f"{name}: not an IDX file (expected magic bytes 00 00 <dtype code> <ndim>, "
-                       f"got {raw[:4].hex(' ') or 'an empty file'})")
-    dtype, ndim = np.dtype(_DTYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise IDXError(f"{name}: IDX header truncated or without dimensions")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise IDXError(f"{name}: header says shape {shape} ({expected} bytes) but the file holds "
-                       f"{len(raw)} bytes: truncated or corrupted")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    """The array in an uncompressed IDX file's bytes."""
+    with IDXReader(io.BytesIO(raw), name=name, compressed=False) as reader:
+        array = reader.read()
+        reader.check_end()
+    return array
 
 
 def write_idx(path, array, compress=None):

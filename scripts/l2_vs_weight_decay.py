@@ -10,10 +10,10 @@ import contextlib
 import io
 import tempfile
 
-from l2fast import train as T
+from l2fast.train import DEFAULT_L2_WEIGHT, SEED_L2_WEIGHT, TrainConfig, train
 
 GRID = [(0.0, 0.0), (1e-4, 0.0), (1e-2, 0.0), (1.0, 0.0), (0.0, 0.01), (0.0, 1.0), (0.0, 100.0),
-        (T.DEFAULT_L2_WEIGHT, None), (T.SEED_L2_WEIGHT, None)]
+        (DEFAULT_L2_WEIGHT, None), (SEED_L2_WEIGHT, None)]
 
 
 def main():
@@ -25,12 +25,10 @@ def main():
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for i, (l2, wd) in enumerate(GRID):
-            argv = ["--dataset", args.dataset, "--epochs", str(args.epochs), "--device", "cpu", "--no-progress",
-                    "--out", f"{tmp}/run{i}", "--l2-weight", str(l2)]
-            if wd is not None:
-                argv += ["--weight-decay", str(wd)]
+            config = TrainConfig(dataset=args.dataset, epochs=args.epochs, device="cpu", no_progress=True,
+                                 out=f"{tmp}/run{i}", l2_weight=l2, weight_decay=wd)
             with contextlib.redirect_stdout(io.StringIO()):
-                s = T.train(T.parse_args(argv))
+                s = train(config)
             wd_text = f"{s['weight_decay']:g}" + (" (AdamW default)" if wd is None else "")
             print(f"| {l2:g} | {wd_text} | {100 * s['test_accuracy']:.2f}% | {s['test_loss']:.4f} | "
                   f"{s['param_sq_norm']:.3f} |", flush=True)

@@ -1,7 +1,7 @@
+"""The one way to skip CUDA tests: mark them `cuda` (a test, or a `device` parameter); without a GPU
+they are skipped at collection, with the reason listed by -ra."""
 import pytest
 import torch
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,13 +9,11 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "cuda" in item.keywords or "[cuda" in item.nodeid:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 
-@pytest.fixture(params=["cpu", "cuda"])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
     """Every op test runs on CPU, and on CUDA where a GPU is present (skipped otherwise)."""
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     return request.param

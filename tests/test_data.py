@@ -2,6 +2,7 @@
 import gzip
 import importlib.util
 import os
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,58 @@ def test_download_turns_network_failure_into_data_error(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
     with pytest.raises(DataError, match="nothing to download"):
         download("sample", tmp_path)
+
+
+def _gzip_bomb(path, count, data_bytes=None):
+    """A gzip IDX whose header claims `count` 28x28 images, followed by data_bytes zero bytes
+    (all of them when None), compressed in pieces so that the test itself stays small."""
+    header = bytes([0, 0, 0x08, 3]) + np.asarray([count, 28, 28], dtype=">u4").tobytes()
+    left = count * 784 if data_bytes is None else data_bytes
+    zeros = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(header)
+        while left:
+            f.write(zeros[:min(left, len(zeros))])
+            left -= min(left, len(zeros))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("count", "more than the 60,000 expected"),           # 200,000 images claimed: 157 MB inflated
+    ("ratio", "gzip file can inflate to"),               # 60,000 claimed by a file far too small to hold them
+])
+def test_gzip_bomb_is_refused_before_inflating(tmp_path, case, message):
+    raw = write_fake(tmp_path)
+    (raw / "train-images-idx3-ubyte").unlink()
+    bomb = raw / "train-images-idx3-ubyte.gz"
+    if case == "count":
+        _gzip_bomb(bomb, 200_000)
+    else:
+        _gzip_bomb(bomb, 60_000, data_bytes=10)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=message) as e:
+            load_dataset("mnist", tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_one_line_naming(e, bomb)
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB while refusing a gzip bomb"
+
+
+def test_gzip_idx_is_inflated_into_an_array_of_the_claimed_size_only(tmp_path):
+    raw = write_fake(tmp_path, gz=True)
+    images = raw / "train-images-idx3-ubyte.gz"
+    _gzip_bomb(images, 50, data_bytes=50 * 784 + 100 * 784)  # a valid header, then far more data than it says
+    with pytest.raises(DataError, match="more data than its header") as e:
+        load_dataset("mnist", tmp_path)
+    assert_one_line_naming(e, images)
+
+
+def test_idx_error_is_a_data_error_and_classes_are_the_contract_labels():
+    from l2fast.contract import MNIST_LABELS
+    from l2fast.errors import DataError as LibraryDataError
+    from l2fast.idx import IDXError
+
+    assert issubclass(IDXError, LibraryDataError) and DataError is LibraryDataError
+    assert load_dataset("sample").classes == MNIST_LABELS

@@ -1,6 +1,14 @@
-"""`python -m l2fast.bench WHICH [options]`: each benchmark lives in its own module."""
+"""`python -m l2fast.bench {penalty,train,infer} [options]` (also `l2fast-bench`).
+
+Each benchmark is a module of this package exposing `add_arguments(parser)` and `run(args) -> int`;
+this CLI makes them argparse subcommands. Only the chosen benchmark's module is imported (each pulls
+in its own heavy dependencies), so one that fails to import does not break the others.
+"""
+import argparse
 import importlib
 import sys
+
+from .. import _cli
 
 BENCHMARKS = {
     "penalty": "fused L2 penalty + gradient vs the seed's torch.cat, _foreach ops and torch.compile",
@@ -9,19 +17,43 @@ BENCHMARKS = {
 }
 
 
+def _chosen(argv):
+    """The benchmark named in argv (its first non-option word), if it is one of ours."""
+    words = [a for a in argv if not a.startswith("-")]
+    return words[0] if words and words[0] in BENCHMARKS else None
+
+
+def build_parser(chosen=None):
+    """The bench CLI; only `chosen`'s module is imported to add its options."""
+    parser = _cli.ArgumentParser(prog="python -m l2fast.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="benchmark", metavar="{" + ",".join(BENCHMARKS) + "}", required=True)
+    for name, what in BENCHMARKS.items():
+        p = sub.add_parser(name, help=what, description=what)
+        if name == chosen:
+            module = importlib.import_module(f"l2fast.bench.{name}")
+            if module.__doc__:
+                p.description = module.__doc__
+                p.formatter_class = argparse.RawDescriptionHelpFormatter
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+    return parser
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in BENCHMARKS:
-        lines = "\n".join(f"  {name:8s} {what}" for name, what in BENCHMARKS.items())
-        print(f"usage: python -m l2fast.bench {{{','.join(BENCHMARKS)}}} [options]\n{lines}", file=sys.stderr)
-        if argv[:1] in (["-h"], ["--help"]):
-            return 0
-        what = f"unknown benchmark {argv[0]!r}" if argv else "no benchmark named"
-        print(f"error: {what}; expected one of {', '.join(BENCHMARKS)}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(f"l2fast.bench.{argv[0]}")
-    return module.main(argv[1:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = _chosen(argv)
+    if chosen is not None:
+        module = importlib.import_module(f"l2fast.bench.{chosen}")
+        if not hasattr(module, "add_arguments"):  # a module still on its own argparse (until it moves)
+            return module.main(argv[argv.index(chosen) + 1:])
+    args = build_parser(chosen).parse_args(argv)
+    return args._run(args)
+
+
+def cli(argv=None):
+    """The `l2fast-bench` console script."""
+    return _cli.run(main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

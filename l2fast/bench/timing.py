@@ -1,39 +1,27 @@
-"""Timing shared by the benchmarks: methods measured in interleaved rounds, median kept."""
+"""Timing shared by the benchmarks: torch.utils.benchmark.Timer (it synchronizes CUDA around its
+clock), methods measured in interleaved rounds so machine noise hits every method alike, median kept."""
 import statistics
-import time
 
 import torch
+from torch.utils import benchmark
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+def time_call(fn, device=None, iters=1):
+    """Seconds per call of fn(), averaged over `iters` back-to-back calls. `device` is accepted for
+    callers of the older signature; Timer drains CUDA itself. Runs with torch's current thread count."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(iters).mean
 
 
-def time_call(fn, device, iters):
-    """Seconds per call of fn(), averaged over `iters` back-to-back calls (CUDA events on GPU)."""
-    if torch.device(device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
-
-
-def compare(methods, device, rounds=7, budget_s=0.05, warmup=3):
-    """Median seconds per call for each named method, measured round-robin so that machine noise
-    hits every method alike. `methods` maps name -> zero-argument callable."""
+def compare(methods, device=None, rounds=7, budget_s=0.05, warmup=3):
+    """Median seconds per call for each named method, measured round-robin. `methods` maps
+    name -> zero-argument callable; each round times about budget_s of calls per method."""
+    if rounds < 1:
+        raise ValueError(f"rounds {rounds}: expected at least 1")
     iters = {}
     for name, fn in methods.items():
         for _ in range(warmup):
             fn()
-        _sync(device)
         one = max(time_call(fn, device, 1), 1e-7)
         iters[name] = max(1, min(10_000, int(budget_s / one)))
     samples = {name: [] for name in methods}
@@ -41,3 +29,17 @@ def compare(methods, device, rounds=7, budget_s=0.05, warmup=3):
         for name, fn in methods.items():
             samples[name].append(time_call(fn, device, iters[name]))
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def interleaved(methods, steps, rounds):
+    """Seconds per call of each method over `steps` calls split into `rounds` rounds, alternating
+    the order every round: {name: [seconds per call in each round]}."""
+    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    times = {name: [] for name in methods}
+    for r, n in enumerate(per_round):
+        if n == 0:
+            continue
+        order = list(methods) if r % 2 == 0 else list(methods)[::-1]
+        for name in order:
+            times[name].append(time_call(methods[name], iters=n))
+    return times
