@@ -1,0 +1,144 @@
+"""The command: options, where the report goes, which devices can be tested, then the checks."""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import _cli, _io
+from ..errors import UsageError
+from . import report as rep
+from .runner import Context, run_checks
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through _cli.run, exit 2
+        raise UsageError(f"{message} (see python -m l2fast.selftest --help)")
+
+
+def parse_args(argv):
+    p = _Parser(prog="python -m l2fast.selftest", description=sys.modules[__package__].__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the CPU, and CUDA where a GPU and CUDA kernels are present (default); "
+                        "cpu: CPU only; cuda: CUDA only (an error without a GPU)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for report.json and report.md (default: a new folder under the temp dir); "
+                        "must be new or empty, or hold a report this tool wrote")
+    p.add_argument("--overwrite", action="store_true",
+                   help="use a non-empty --out anyway: only report.json and report.md are (re)written there")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer sizes and repeats and no benchmarks: about a minute on a 2-core CPU (CI runs it)")
+    p.add_argument("--only", default="", metavar="NAMES",
+                   help="comma-separated parts of check names: run only those (the others are listed as skipped)")
+    p.add_argument("--skip", default="", metavar="NAMES", help="comma-separated parts of check names not to run")
+    return p.parse_args(argv)
+
+
+def check_out(out, overwrite):
+    """Refuse (before any check runs) a report folder where writing could replace a user's file."""
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder; expected a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not rep.is_ours(out):
+        raise UsageError(f"--out {out}: the folder is not empty and holds no report of l2fast.selftest alone; "
+                         "choose a new or empty folder, or pass --overwrite to (re)write only its report.json "
+                         "and report.md")
+
+
+def make_out(out):
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="l2fast-selftest-"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _devices(requested):
+    """(tested devices, {device: reason it is not tested}, error loading l2fast._C or None)."""
+    import torch
+
+    try:
+        import l2fast.ops  # noqa: F401
+
+        info = l2fast.build_info()
+    except ImportError as e:
+        reason = f"l2fast._C did not load: {e}"
+        return [], {"cpu": reason, "cuda": reason}
+    unavailable = {}
+    if not torch.cuda.is_available():
+        cuda_reason = "no CUDA device here (torch.cuda.is_available() is False)"
+    elif not info.get("cuda"):
+        cuda_reason = "this l2fast build has no CUDA kernels (built without nvcc)"
+    else:
+        cuda_reason = None
+    if requested == "cuda" and cuda_reason:
+        raise UsageError(f"--device cuda: {cuda_reason}; use --device auto or cpu")
+    if requested == "cpu":
+        cuda_reason = "--device cpu"
+    if cuda_reason:
+        unavailable["cuda"] = cuda_reason
+    if requested == "cuda":
+        unavailable["cpu"] = "--device cuda"
+    return [d for d in ("cpu", "cuda") if d not in unavailable], unavailable
+
+
+def all_checks():
+    from . import checks_cuda, checks_ops, checks_proc, checks_torch
+
+    checks = [rep.build_check()]
+    for device in ("cpu", "cuda"):
+        checks += checks_ops.checks(device) + checks_torch.checks(device)
+    return checks + checks_cuda.checks() + checks_proc.checks()
+
+
+def _names(text):
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def main(argv=None, extra_checks=()):
+    args = parse_args(argv)
+    check_out(args.out, args.overwrite)
+    import torch
+
+    tested, unavailable = _devices(args.device)
+    out = make_out(args.out)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    print(f"l2fast self-test{' --quick' if args.quick else ''}: torch {torch.__version__}; testing "
+          f"{', '.join(tested) or 'nothing'}" + (f" (cuda: {unavailable['cuda']})" if "cuda" in unavailable else ""),
+          flush=True)
+    checks = all_checks() + list(extra_checks)
+
+    def write(results, complete=False):
+        # Rewritten after every check: a run cut short (a time limit, a crash) still leaves its rows.
+        counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+        report = {
+            "tool": rep.TOOL,
+            "complete": complete,
+            "device": {"requested": args.device, "tested": tested, "cuda_skipped": unavailable.get("cuda")},
+            "versions": versions,
+            "quick": args.quick,
+            "seconds": round(time.perf_counter() - start, 1),
+            "summary": counts,
+            "checks": [r.as_dict() for r in results] + ([] if complete else [
+                {"name": c.name, "status": "skip", "detail": "not run: the self-test did not reach it", "seconds": 0}
+                for c in checks[len(results):]]),
+        }
+        _io.atomic_write_text(out / "report.json", rep.as_json(report))
+        _io.atomic_write_text(out / "report.md", rep.as_markdown(report))
+        return report
+
+    versions = rep.versions()
+    with tempfile.TemporaryDirectory(prefix="l2fast-selftest-work-") as tmp:
+        ctx = Context(quick=args.quick, unavailable=unavailable, only=_names(args.only), skip=_names(args.skip),
+                      tmp=Path(tmp))
+        results = run_checks(checks, ctx, on_result=write)
+    report = write(results, complete=True)
+    counts = report["summary"]
+    print(f"{counts['fail']} failed, {counts['pass']} passed, {counts['skip']} skipped in {report['seconds']:.0f} s; "
+          f"report: {out / 'report.md'}", flush=True)
+    return 1 if counts["fail"] else 0
+
+
+def cli(argv=None):
+    return _cli.run(main, argv)

@@ -1,0 +1,73 @@
+"""A small CUDA workload for compute-sanitizer: `python -m l2fast.selftest.driver [cuda|cpu]`.
+
+Every op, dtype and mode at chunk boundaries, views, zero-size tensors, 1,000 tensors, per-tensor
+weights, a CUDA graph replay and two streams, each checked against float64 (exit 1 if wrong).
+Small on purpose: under racecheck every shared-memory access is tracked.
+"""
+import os
+import sys
+
+import torch
+
+
+def main(argv=None):
+    import l2fast  # noqa: F401  (registers the ops)
+
+    from . import checks_ops, refs
+    from .checks_cuda import graph_check
+    from .runner import Context, Skip
+
+    argv = sys.argv[1:] if argv is None else argv
+    device = argv[0] if argv else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("selftest driver: no CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device(device)
+    ref = refs.Reference()
+    sizes = [1, 3, 255, 257, 8191, 8193, 16383, 16384, 16385, 32769]
+    for d, dtype in enumerate(refs.DTYPES):
+        for mode in checks_ops.MODES:
+            params = [refs.randn((n,), dtype, dev, 100 * d + i) for i, n in enumerate(sizes)]
+            checks_ops.RUN[mode](params, dev, ref)
+    ctx = Context(quick=True)
+    for check in (checks_ops.views_check(device), checks_ops.zero_size_check(device), checks_ops.weights_check(device)):
+        try:
+            check.fn(ctx)
+        except Skip:
+            pass
+    # 1,000 tensors (the table no longer fits a kernel parameter), checked through one concatenation
+    params = [refs.randn((k % 50,), torch.float32, dev, k) for k in range(1000)]
+    grads = [refs.randn((k % 50,), torch.float32, dev, 7 + k) for k in range(1000)]
+    flat_p, flat_g = torch.cat(params), torch.cat(grads)
+    value = torch.ops.l2fast.l2_penalty_(params, grads, refs.WEIGHT, list(range(0, 1000, 2)))
+    refs.check_value("1,000 tensors", value, refs.WEIGHT * ref.sq_norm([flat_p]), params, dev)
+    kept = torch.cat([torch.full_like(g, k % 2) for k, g in enumerate(grads)]).bool()  # odd: not fresh
+    refs.check_grad_update("1,000 tensors' grads", torch.cat(grads), torch.where(kept, flat_g, 0), flat_p,
+                           2 * refs.WEIGHT, ref)
+    if device == "cpu":
+        print("selftest driver: ok", flush=True)
+        return 0
+    if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") != "1":  # graphs need the caching allocator
+        graph_check().fn(ctx)
+    # two streams at once on separate data
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    work = [[refs.randn((40_000,), torch.float32, dev, s), refs.randn((777,), torch.float16, dev, s)] for s in range(2)]
+    grads = [[torch.zeros_like(p) for p in ps] for ps in work]
+    values = [None, None]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for k, s in enumerate(streams):
+        with torch.cuda.stream(s):
+            values[k] = torch.ops.l2fast.l2_penalty_(work[k], grads[k], refs.WEIGHT, [])
+    torch.cuda.synchronize()
+    for k in range(2):
+        refs.check_value("two streams", values[k], refs.WEIGHT * ref.sq_norm(work[k]), work[k], dev)
+        for p, g in zip(work[k], grads[k]):
+            refs.check_grad_update("two streams grad", g, None, p, 2 * refs.WEIGHT, ref)
+    torch.cuda.synchronize()
+    print("selftest driver: ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Running checks: each one timed, its outcome a Result (pass, fail or skip), a table row printed as it ends."""
+import dataclasses
+import sys
+import time
+import traceback
+
+
+class Skip(Exception):
+    """Raised by a check that cannot run here; the message is the reason."""
+
+
+class CheckFailed(AssertionError):
+    """Raised by a check whose result is wrong; the message says what was expected and what came,
+    `output` (optional) is a multi-line text for the report (a table of what was compared)."""
+
+    def __init__(self, message, output=None):
+        super().__init__(message)
+        self.output = output
+
+
+@dataclasses.dataclass
+class Check:
+    """One row of the report. `fn(ctx)` returns a one-line detail (or (detail, output) where output is a
+    multi-line text such as a benchmark table), raises Skip(reason), or raises on failure.
+    `device` names what it needs ("cuda": skipped with the reason where CUDA is unavailable);
+    `bench`: skipped by --quick."""
+
+    name: str
+    fn: object
+    device: str = "cpu"
+    bench: bool = False
+    always: bool = False  # run even when --only/--skip would leave it out (the build row)
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    status: str  # "pass" | "fail" | "skip"
+    detail: str
+    seconds: float
+    output: str = None
+
+    def as_dict(self):
+        d = {"name": self.name, "status": self.status, "detail": self.detail, "seconds": round(self.seconds, 3)}
+        if self.output:
+            d["output"] = self.output
+        return d
+
+
+@dataclasses.dataclass
+class Context:
+    """What every check may use: `unavailable` maps a device to the reason it cannot be tested."""
+
+    quick: bool = False
+    unavailable: dict = dataclasses.field(default_factory=dict)
+    only: tuple = ()
+    skip: tuple = ()
+    tmp: object = None  # a pathlib.Path to a scratch folder this run owns
+    stream: object = None  # where the table goes (default sys.stdout)
+    state: dict = dataclasses.field(default_factory=dict)  # shared between checks (processes started early)
+    cleanup: list = dataclasses.field(default_factory=list)  # callables run when the checks end, whatever happens
+
+
+def _one_line(text, limit=400):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def not_selected(name, ctx):
+    """Why --only/--skip leave the check `name` out, or None."""
+    lname = name.lower()
+    if ctx.only and not any(p.lower() in lname for p in ctx.only):
+        return "not selected by --only " + ",".join(ctx.only)
+    if any(p.lower() in lname for p in ctx.skip):
+        return "deselected by --skip " + ",".join(ctx.skip)
+    return None
+
+
+def run_check(check, ctx):
+    """Run one check and return its Result; an exception in the check is a failure, never a crash."""
+    reason = (None if check.always else not_selected(check.name, ctx)) or ctx.unavailable.get(check.device)
+    if reason is None and check.bench and ctx.quick:
+        reason = "--quick skips the benchmarks"
+    if reason is not None:
+        return Result(check.name, "skip", reason, 0.0)
+    start = time.perf_counter()
+    output = None
+    try:
+        out = check.fn(ctx)
+        if isinstance(out, tuple):
+            out, output = out
+        status, detail = "pass", out or "ok"
+    except Skip as e:
+        status, detail = "skip", str(e)
+    except Exception as e:  # noqa: BLE001 - any error in a check is that check's failure
+        status = "fail"
+        where = traceback.extract_tb(e.__traceback__)
+        at = f" (at {where[-1].name}:{where[-1].lineno})" if where else ""
+        kind = "" if isinstance(e, CheckFailed) else f"{type(e).__name__}: "
+        detail = f"{kind}{e}{at}"
+        output = getattr(e, "output", None) if isinstance(e, CheckFailed) else None
+    return Result(check.name, status, _one_line(detail), time.perf_counter() - start, output)
+
+
+HEADER = f"{'status':<6} {'seconds':>8}  {'check':<46} detail"
+
+
+def format_row(r):
+    return f"{r.status:<6} {r.seconds:>8.2f}  {r.name:<46} {r.detail}"
+
+
+def run_checks(checks, ctx, on_result=None):
+    """Run the checks in order, printing each row as it ends (and calling on_result(results so far));
+    returns the list of Results."""
+    stream = ctx.stream or sys.stdout
+    print(HEADER, file=stream, flush=True)
+    print("-" * len(HEADER), file=stream, flush=True)
+    results = []
+    try:
+        for check in checks:
+            r = run_check(check, ctx)
+            results.append(r)
+            print(format_row(r), file=stream, flush=True)
+            if on_result is not None:
+                on_result(results)
+    finally:
+        for fn in ctx.cleanup:
+            fn()
+    return results
