@@ -1,6 +1,9 @@
 """The one place where CLIs turn library exceptions into a one-line message and an exit code."""
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from .errors import L2fastError, UsageError
 
@@ -16,6 +19,27 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (see sigterm_raises) so that every cleanup runs as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_raises(exception=Terminated):
+    """Within the block, SIGTERM raises `exception` in the main thread instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise exception()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def error(message, file=None):
     """Print `error: <message>` on one line (newlines and runs of spaces folded) to stderr."""
     print("error: " + " ".join(str(message).split()), file=file or sys.stderr, flush=True)
@@ -26,8 +50,8 @@ def run(main, argv=None):
 
     An L2fastError becomes `error: ...` and its exit_code (2 for usage and data errors, 1 for
     failures); an OSError on a user-given path becomes `error: ...` and exit 2; Ctrl-C exits
-    130; a reader that left a pipe (`... | head`) exits 1 quietly. Anything else is a bug and
-    keeps its traceback.
+    130, SIGTERM inside sigterm_raises() 143; a reader that left a pipe (`... | head`) exits 1
+    quietly. Anything else is a bug and keeps its traceback.
     """
     try:
         return main(argv)
@@ -43,6 +67,9 @@ def run(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _broken_pipe():

@@ -22,10 +22,7 @@ Exit codes: 0 success, 1 export or verification failed, 2 user error (missing or
 checkpoint, unknown dataset, bad option, an output folder holding something export did not write),
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); the last three leave the output folder as it was.
 """
-import contextlib
-import signal
 import sys
-import threading
 import time
 
 from . import _cli
@@ -172,26 +169,6 @@ def build_parser():
     return p
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised where the main thread is, so that every cleanup runs as for Ctrl-C."""
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum, frame):
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_opset(args.opset)
@@ -200,24 +177,20 @@ def main(argv=None):
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     out = args.out
     check_out(out)  # before the slow part: a refused folder costs nothing
-    try:
-        with _sigterm_unwinds():
-            from . import checkpoint  # torch: imported under _cli.run, so a Ctrl-C in it is one line
+    with _cli.sigterm_raises():  # SIGTERM unwinds like Ctrl-C: staging folders are removed
+        from . import checkpoint  # torch: imported under _cli.run, so a Ctrl-C in it is one line
 
-            ckpt = checkpoint.load(args.checkpoint)
-            data, dataset_info = _load_verification_data(ckpt.data, args.dataset, args.data_dir)
-            images, labels = data.test_images, data.test_labels
-            if args.limit is not None:
-                images, labels = images[:args.limit], labels[:args.limit]
-            checkpoint_info = {"path": str(ckpt.path), "sha256": sha256_file(ckpt.path),
-                               "model_config": ckpt.data.get("model_config"),
-                               "train_config": ckpt.data.get("train_config"), "dataset": ckpt.data.get("dataset")}
-            log(f"checkpoint {ckpt.path}: MLP {ckpt.model.config()['layer_sizes']}; verifying on {data.name} test set")
-            manifest = export_model(ckpt.model, out, images, labels, classes=list(data.classes), opset=args.opset,
-                                    dataset_info=dataset_info, checkpoint_info=checkpoint_info, log=log)
-    except _Terminated:
-        print("terminated", file=sys.stderr, flush=True)  # like _cli.run's "interrupted" for Ctrl-C
-        return 128 + signal.SIGTERM
+        ckpt = checkpoint.load(args.checkpoint)
+        data, dataset_info = _load_verification_data(ckpt.data, args.dataset, args.data_dir)
+        images, labels = data.test_images, data.test_labels
+        if args.limit is not None:
+            images, labels = images[:args.limit], labels[:args.limit]
+        checkpoint_info = {"path": str(ckpt.path), "sha256": sha256_file(ckpt.path),
+                           "model_config": ckpt.data.get("model_config"),
+                           "train_config": ckpt.data.get("train_config"), "dataset": ckpt.data.get("dataset")}
+        log(f"checkpoint {ckpt.path}: MLP {ckpt.model.config()['layer_sizes']}; verifying on {data.name} test set")
+        manifest = export_model(ckpt.model, out, images, labels, classes=list(data.classes), opset=args.opset,
+                                dataset_info=dataset_info, checkpoint_info=checkpoint_info, log=log)
     ver = manifest["verification"]
     worst = max(b["max_abs_logit_diff"] for b in ver["backends"].values())
     ort_acc = ver["backends"]["onnxruntime"].get("accuracy")
