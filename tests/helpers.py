@@ -1,6 +1,5 @@
 """Shared by the test modules: the one way to run a Python subprocess, and the torch blocker."""
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -69,14 +68,11 @@ def run_python(args, cwd=None, *, block_torch=False, pythonpath=(PKG_ROOT,), env
     return done
 
 
-_GLOG_LINE = re.compile(r"^[IW]\d{4} \d\d:")  # torch's C++ log lines (e.g. "No CUDA runtime is found")
-
-
 def assert_one_line_error(done, code=2, *needles):
     """The child failed with exit `code` and exactly one stderr line `error: ...` holding each needle."""
     assert done.returncode == code, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
     assert "Traceback" not in done.stderr, done.stderr
-    lines = [line for line in done.stderr.splitlines() if line.strip() and not _GLOG_LINE.match(line)]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])

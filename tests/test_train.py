@@ -1,10 +1,16 @@
 """python -m l2fast.train and python -m l2fast.bench train, on the bundled sample, on CPU."""
 import contextlib
+import datetime
 import io
 import json
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +19,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from l2fast import engine
+from l2fast import runs
 from l2fast import train as T
 from l2fast.data import load_dataset
 from l2fast.model import MLP
-from helpers import PKG_ROOT
+from helpers import PKG_ROOT, assert_one_line_error, run_python
 from test_data import corrupt, write_fake
 
 
@@ -35,13 +43,15 @@ needs_extension = pytest.mark.skipif(EXTENSION_ERROR is not None,
 
 
 def cli(args, cwd, check=True):
-    """Run `python -m l2fast.train ARGS` in cwd; CompletedProcess with text output."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PKG_ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
-    if check and done.returncode != 0:
-        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done
+    """`python -m ARGS` in cwd (e.g. ["l2fast.train", ...]); CompletedProcess with text output."""
+    return run_python(["-m", *args], cwd=cwd, check=check, timeout=300)
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, as any strict JSON reader does."""
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
 
 
 def train_in_process(tmp_path, *args):
@@ -49,8 +59,8 @@ def train_in_process(tmp_path, *args):
     out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        summary = T.train(T.parse_args(["--out", str(out), "--no-progress", "--device", "cpu", *args]))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = T.train(T.parse_config(["--out", str(out), "--no-progress", "--device", "cpu", *args]))
+    records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, records, buf.getvalue()
 
 
@@ -98,11 +108,17 @@ def test_one_epoch_end_to_end(tmp_path):
 
 @needs_extension
 def test_penalty_modes_and_adamw_impls_give_the_same_losses(tmp_path):
+    # Issue 12 item 7: the default (L2Penalty + torch's fused AdamW) follows the notebook's exact
+    # construction (--adamw-impl default, the torch.cat penalty) to float tolerance, step by step.
     runs = {}
     for penalty in T.PENALTIES:
-        runs[penalty] = train_in_process(tmp_path, "--penalty", penalty, "--max-steps", "300", "--log-every", "1")
-    runs["fused-adamw"] = train_in_process(tmp_path, "--adamw-impl", "fused", "--max-steps", "300",
-                                           "--log-every", "1")
+        runs[penalty] = train_in_process(tmp_path, "--penalty", penalty, "--adamw-impl", "default",
+                                         "--max-steps", "300", "--log-every", "1")
+    runs["defaults"] = train_in_process(tmp_path, "--max-steps", "300", "--log-every", "1")
+    runs["foreach-adamw"] = train_in_process(tmp_path, "--adamw-impl", "foreach", "--max-steps", "300",
+                                             "--log-every", "1")
+    assert runs["defaults"][0]["adamw_impl"] == "fused" and runs["defaults"][0]["penalty"] == "fused"
+    assert runs["reference"][0]["adamw_impl"] == "default"
     reference = runs["reference"][1]
     assert len(step_losses(reference)) == 300
     for name, (summary, records, _) in runs.items():
@@ -128,7 +144,7 @@ def test_max_steps_partial_epoch_and_metrics_path(tmp_path):
     metrics = tmp_path / "m" / "log.jsonl"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        summary = T.train(T.parse_args(["--penalty", "reference", "--max-steps", "130", "--out", str(tmp_path / "o"),
+        summary = T.train(T.parse_config(["--penalty", "reference", "--max-steps", "130", "--out", str(tmp_path / "o"),
                                         "--device", "cpu",
                                         "--metrics", str(metrics), "--no-progress", "--batch-size", "64"]))
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -152,7 +168,7 @@ def test_device_batches_are_totensor_values():
     data = load_dataset("sample")
     images = data.train_images[:64]
     expected = torch.stack([transforms.ToTensor()(Image.fromarray(x, mode="L")) for x in images])
-    ours = T.scale_images(torch.from_numpy(images))
+    ours = engine.scale_images(torch.from_numpy(images))
     assert torch.equal(ours, expected.squeeze(1))
 
 
@@ -200,12 +216,41 @@ def test_compile_on_cpu_matches_eager(tmp_path):
 
 
 @needs_extension
-def test_bench_train_runs(tmp_path):
-    done = cli(["l2fast.bench", "train", "--steps", "6", "--warmup", "2", "--rounds", "2"], tmp_path)
-    assert "notebook DataLoader num_workers=0" in done.stdout
-    assert "fewer ms per step than the notebook's loop" in done.stdout and "5 epochs (4,690 steps)" in done.stdout
-    done = cli(["l2fast.bench", "train", "--device", "cpu", "--cuda-graphs"], tmp_path, check=False)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
+def test_bench_train_runs_and_reports_consistent_numbers(tmp_path):
+    done = cli(["l2fast.bench", "train", "--steps", "6", "--warmup", "2", "--rounds", "2", "--json", "b.json"],
+               tmp_path)
+    assert "notebook DataLoader num_workers=0" in done.stdout and "5 epochs (4,690 steps)" in done.stdout
+    doc = strict_json((tmp_path / "b.json").read_text())
+    rows = doc["results"]
+    assert set(rows) == {"notebook", "l2fast"}
+    for name, row in rows.items():
+        rounds = row["ms_per_step_rounds"]
+        assert len(rounds) == 2 and all(0 < t < 10_000 for t in rounds), (name, rounds)
+        assert row["ms_per_step_median"] == pytest.approx(float(np.median(rounds)))
+        assert row["steps_run"] >= 2 + 6  # warmup + timed: every step really ran
+        assert 1.5 < row["last_loss"] < 2.6, (name, row)  # cross entropy near ln 10 = 2.30 after a few steps
+    assert doc["speedup"] == pytest.approx(rows["notebook"]["ms_per_step_median"] / rows["l2fast"]["ms_per_step_median"])
+    assert f"l2fast needs {doc['speedup']:.1f}x fewer ms per step than the notebook's loop" in done.stdout
+    table = {m[1]: float(m[2]) for m in re.finditer(r"^(notebook|l2fast) +([0-9.]+) ", done.stdout, re.M)}
+    assert table == pytest.approx({k: round(v["ms_per_step_median"], 3) for k, v in rows.items()}, abs=1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--device", "cpu", "--cuda-graphs"], "--cuda-graphs needs a CUDA device"),
+    (["train", "--threads", "100000"], "--threads 100000"),
+    (["train", "--rounds", "0"], "--rounds 0"),
+    (["train", "--device", "meta"], "--device meta"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["nope"], "invalid choice: 'nope'"),
+])
+def test_bench_bad_options_exit_2_with_one_line(tmp_path, args, message):
+    assert_one_line_error(cli(["l2fast.bench", *args], tmp_path, check=False), 2, message)
+
+
+def test_bench_help_lists_every_benchmark(tmp_path):
+    done = cli(["l2fast.bench", "--help"], tmp_path)
+    for name in ("penalty", "train", "infer"):
+        assert name in done.stdout
 
 
 @needs_extension
@@ -215,7 +260,7 @@ def test_cuda_graphs_and_compile_match_the_plain_cuda_path(tmp_path):
     def run_cuda(*extra):
         out = tmp_path / f"cuda{len(list(tmp_path.glob('cuda*')))}"
         with contextlib.redirect_stdout(io.StringIO()):
-            T.train(T.parse_args(["--out", str(out), "--no-progress", "--device", "cuda", "--batch-size", "96",
+            T.train(T.parse_config(["--out", str(out), "--no-progress", "--device", "cuda", "--batch-size", "96",
                                   "--epochs", "2", "--log-every", "1", *extra]))
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -224,3 +269,158 @@ def test_cuda_graphs_and_compile_match_the_plain_cuda_path(tmp_path):
     for extra in (["--cuda-graphs"], ["--compile"], ["--cuda-graphs", "--penalty", "reference"]):
         np.testing.assert_allclose(step_losses(run_cuda(*extra)), step_losses(plain), rtol=1e-5,
                                    err_msg=" ".join(extra))
+
+
+# ----------------------------------------------------------------------------- issue 9: run folders, bad options, divergence
+
+def test_non_empty_out_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    done = cli(["l2fast.train", "--out", "run", "--max-steps", "3", "--penalty", "reference"], tmp_path, check=False)
+    assert_one_line_error(done, 2, "--out run", "non-empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+    (out / "summary.json").write_text('{"status": "completed", "from": "an older run"}')
+    cli(["l2fast.train", "--out", "run", "--max-steps", "3", "--penalty", "reference", "--overwrite"], tmp_path)
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces the run's files only
+    assert strict_json((out / "summary.json").read_text())["status"] == "completed"
+    assert {p.name for p in out.iterdir()} == {"notes.txt", *T.RUN_FILES}
+
+
+def test_empty_out_folder_is_used(tmp_path):
+    (tmp_path / "empty").mkdir()
+    summary, _, _ = train_in_process(tmp_path, "--penalty", "reference", "--max-steps", "3")  # run0: new
+    assert summary["steps"] == 3
+    with contextlib.redirect_stdout(io.StringIO()):
+        T.train(T.parse_config(["--out", str(tmp_path / "empty"), "--max-steps", "2", "--device", "cpu",
+                                "--penalty", "reference", "--no-progress"]))
+    assert (tmp_path / "empty" / "model.pt").is_file()
+
+
+def test_concurrent_default_runs_get_distinct_folders(tmp_path, monkeypatch):
+    class Frozen(datetime.datetime):  # both runs start in the same second
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(runs.datetime, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--max-steps", "40", "--log-every", "10", "--device", "cpu", "--penalty", "reference", "--no-progress"]
+    errors = []
+
+    def one_run():
+        try:
+            T.train(T.parse_config(argv))
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one_run) for _ in range(2)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=240)
+    assert not errors, errors
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert folders == ["20260102-030405", "20260102-030405-2"]
+    for name in folders:
+        summary = strict_json((tmp_path / "runs" / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["steps"] == 40
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_says_so(tmp_path, sig):
+    env = dict(os.environ, PYTHONPATH=str(PKG_ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "l2fast.train", "--out", "run", "--epochs", "200", "--device", "cpu",
+                             "--penalty", "reference", "--no-progress"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:  # wait for the first epoch to complete, then interrupt the second
+            if line.startswith("Starting epoch 2") or time.monotonic() > deadline:
+                break
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    summary = strict_json((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["last_completed_epoch"] >= 1
+    assert summary["completed_steps"] == 125 * summary["last_completed_epoch"] and summary["checkpoint"] is None
+    assert not (tmp_path / "run" / "model.pt").exists()
+    records = [strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "test_accuracy" in r] == list(range(1, summary["last_completed_epoch"] + 1))
+
+
+@pytest.mark.parametrize("log_every", ["20", "1000"], ids=["at-a-log-line", "at-the-epoch-end"])
+def test_diverged_run_stops_with_exit_1_strict_json_and_no_checkpoint(tmp_path, log_every):
+    done = cli(["l2fast.train", "--out", "run", "--l2-weight", "1e308", "--epochs", "2", "--log-every", log_every,
+                "--penalty", "reference", "--no-progress"], tmp_path, check=False)
+    assert_one_line_error(done, 1, "diverged", "mini-batch 1 of epoch 1 (step 1)", "--l2-weight")
+    run = tmp_path / "run"
+    assert not (run / "model.pt").exists() and "Training process has finished." not in done.stdout
+    assert "Starting epoch 2" not in done.stdout  # it stopped in the epoch it diverged in
+    summary = strict_json((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["checkpoint"] is None
+    assert summary["diverged_at"] == {"epoch": 1, "step": 1, "global_step": 1}
+    records = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["diverged"] is True and records[-1]["l2_loss"] is None  # inf -> null
+    assert math.isfinite(records[-1]["data_loss"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "1e300"], "--lr 1e+300"),
+    (["--seed", str(2 ** 70)], f"--seed {2 ** 70}"),
+    (["--seed", "x"], "argument --seed: invalid int value"),
+    (["--epochs", str(10 ** 9)], f"--epochs {10 ** 9}"),
+    (["--epochs", "0"], "--epochs 0: expected a positive integer"),
+    (["--l2-weight", "nan"], "--l2-weight nan: expected a finite number >= 0"),
+    (["--out", "afile"], "--out afile: exists and is not a folder"),
+    (["--out", "afile/run"], "--out afile/run: a parent of it is a file"),
+    (["--metrics", "afolder"], "--metrics afolder: is a folder"),
+    (["--metrics", "afile"], "--metrics afile: an existing file"),
+    (["--parallel", "ddp", "--compile"], "--compile is not supported with --parallel"),
+    (["--parallel", "fsdp"], "--penalty reference with --parallel fsdp"),
+    (["--parallel", "mpi"], "argument --parallel: invalid choice: 'mpi'"),
+])
+def test_bad_values_are_one_line_errors_in_process(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "afolder").mkdir()
+    assert T.cli(["--device", "cpu", "--penalty", "reference", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert (tmp_path / "afile").read_text() == "keep" and (tmp_path / "afolder").is_dir()
+    assert not (tmp_path / "runs").exists()  # refused before any run folder was made
+
+
+def test_threads_beyond_the_machine_is_a_one_line_error(tmp_path):
+    done = cli(["l2fast.train", "--threads", "100000", "--max-steps", "3"], tmp_path, check=False)
+    assert_one_line_error(done, 2, "--threads 100000")
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_a_one_line_error(tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o555)
+    try:
+        done = cli(["l2fast.train", "--out", "ro/run", "--max-steps", "3"], tmp_path, check=False)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    assert_one_line_error(done, 2, "ro/run")
+
+
+def test_metrics_fifo_is_streamed_to_not_replaced(tmp_path):
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    cli(["l2fast.train", "--out", "run", "--metrics", str(fifo), "--max-steps", "130", "--log-every", "50",
+         "--penalty", "reference", "--no-progress"], tmp_path)
+    reader.join(timeout=60)
+    assert os.path.exists(fifo) and os.stat(fifo).st_mode & 0o170000 == 0o010000  # still a FIFO
+    records = [strict_json(line) for line in got[0].splitlines()]
+    assert [(r["epoch"], r.get("step")) for r in records] == [(1, 50), (1, 100), (1, None), (2, None)]

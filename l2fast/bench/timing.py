@@ -1,9 +1,14 @@
 """Timing shared by the benchmarks: torch.utils.benchmark.Timer (it synchronizes CUDA around its
 clock), methods measured in interleaved rounds so machine noise hits every method alike, median kept."""
+import logging
 import statistics
 
 import torch
-from torch.utils import benchmark
+
+# torch.utils.benchmark imports cpp_extension, which warns "No CUDA runtime is found" on a machine
+# without a GPU: noise on stderr that turns every one-line bench error into two lines.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils import benchmark  # noqa: E402
 
 
 def time_call(fn, device=None, iters=1):

@@ -7,33 +7,35 @@ both alike:
   notebook  torchvision.datasets.MNIST + transforms.ToTensor() + DataLoader(batch_size=64,
             shuffle=True), the torch.cat L2 term added to the loss, AdamW, loss.item() per step
             (all as in the notebook);
-  l2fast    l2fast.train's step: uint8 data on the device, batches gathered with an on-device
-            permutation, the fused penalty after backward, AdamW; no host sync per step.
+  l2fast    l2fast.engine's step as l2fast.train runs it: uint8 data on the device, batches gathered with an on-device
+            permutation, the fused penalty after backward (an l2fast.L2Penalty built once), torch's
+            fused AdamW (l2fast.train's default; --adamw-impl default for the notebook's); no host
+            sync per step.
 """
-import argparse
+import json
+import math
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._cli import CLIError, run
-from ..data import DataError, load_dataset
+from .. import engine
+from .._io import atomic_write_text
+from ..data import load_dataset
+from ..errors import UsageError
 from ..idx import write_idx
 from ..model import MLP
-from ..train import (ADAMW_IMPLS, DEFAULT_L2_WEIGHT, PENALTIES, CUDAGraphStep, make_optimizer, make_train_step,
-                     reference_l2, resolve_device, set_threads, synchronize)
+from ..train import DEFAULT_L2_WEIGHT, MAX_BATCH_SIZE
+from .timing import interleaved, time_call
 
 FULL_TRAIN_SIZE = 60_000
 RECIPE_STEPS = 5 * 938  # 5 epochs of ceil(60,000 / 64) steps
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m l2fast.bench train", description=__doc__.splitlines()[0])
+def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--steps", type=int, default=200, help="timed steps per side (default 200)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps per side first (default 20)")
@@ -43,18 +45,29 @@ def parse_args(argv):
                    help="DataLoader num_workers for the notebook side (default 0; the notebook used 6)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: l2fast.train's, 1 on CPU; 0: torch's)")
-    p.add_argument("--penalty", choices=PENALTIES, default="fused", help="l2fast side's penalty (default fused)")
-    p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default="default",
-                   help="l2fast side's AdamW implementation (default: the notebook's, as l2fast.train)")
+    p.add_argument("--penalty", choices=engine.PENALTIES, default="fused", help="l2fast side's penalty (default fused)")
+    p.add_argument("--adamw-impl", choices=engine.ADAMW_IMPLS, default="fused",
+                   help="l2fast side's AdamW implementation (default: fused, as l2fast.train; "
+                        "'default' is the notebook's construction)")
     p.add_argument("--l2-weight", type=float, default=DEFAULT_L2_WEIGHT)
     p.add_argument("--cuda-graphs", action="store_true", help="l2fast side as a replayed CUDA graph")
-    args = p.parse_args(argv)
+    p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+
+
+def check_args(args):
+    """UsageError naming the option for a value the benchmark cannot use."""
     for name in ("steps", "rounds", "batch_size"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0 or args.workers < 0:
-        p.error("--warmup and --workers must be >= 0")
-    return args
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a positive integer")
+    if args.batch_size > MAX_BATCH_SIZE:
+        raise UsageError(f"--batch-size {args.batch_size}: expected at most {MAX_BATCH_SIZE}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: expected 0 or more")
+    if not 0 <= args.workers <= engine.max_threads():
+        raise UsageError(f"--workers {args.workers}: expected 0 to {engine.max_threads()} (this machine's CPUs)")
+    if not (math.isfinite(args.l2_weight) and args.l2_weight >= 0):
+        raise UsageError(f"--l2-weight {args.l2_weight}: expected a finite number >= 0")
+    engine.check_threads(args.threads)
 
 
 def tiled_train_set(size=FULL_TRAIN_SIZE):
@@ -86,6 +99,7 @@ class NotebookLoop:
                                                   num_workers=workers)
         self.batches = iter(self.loader)
         self.device, self.l2_weight = device, l2_weight
+        self.calls, self.last_loss = 0, None
         self.mlp = MLP().to(device)
         self.loss_function = nn.CrossEntropyLoss()
         self.optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=1e-4)
@@ -103,27 +117,28 @@ class NotebookLoop:
         self.optimizer.zero_grad()
         outputs = self.mlp(inputs)
         loss = self.loss_function(outputs, targets)
-        loss += reference_l2(self.mlp.parameters(), self.l2_weight)
+        loss += engine.reference_l2(self.mlp.parameters(), self.l2_weight)
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        self.calls, self.last_loss = self.calls + 1, loss.item()
+        return self.last_loss
 
 
 class L2fastLoop:
-    """l2fast.train's step over on-device uint8 data, reshuffled on the device every epoch."""
+    """l2fast.engine's step (as l2fast.train runs it) over on-device uint8 data, reshuffled on the device every epoch."""
 
     def __init__(self, images, labels, batch_size, device, penalty, l2_weight, cuda_graphs, adamw_impl):
         self.images = torch.from_numpy(images).to(device)
         self.labels = torch.from_numpy(labels).to(device)
         model = MLP().to(device)
-        optimizer = make_optimizer(model, lr=1e-4, capturable=cuda_graphs, impl=adamw_impl)
-        self.step = make_train_step(model, optimizer, self.images, self.labels, penalty, l2_weight,
-                                    keep_grads=cuda_graphs)
-        if cuda_graphs:
-            self.step = CUDAGraphStep(self.step, batch_size, device)
+        optimizer = engine.make_optimizer(model, lr=1e-4, capturable=cuda_graphs, impl=adamw_impl)
+        self.step = engine.build_step(model, optimizer, self.images, self.labels,
+                                      engine.PenaltyStrategy(penalty, l2_weight, model.parameters()), batch_size, device,
+                                      cuda_graphs=cuda_graphs)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
         self.batch_size, self.device, self.i, self.perm = batch_size, device, 0, None
+        self.calls, self.last = 0, None
         self.steps_per_epoch = -(-len(self.images) // batch_size)
 
     def __call__(self):
@@ -133,30 +148,22 @@ class L2fastLoop:
         b = self.batch_size
         losses = self.step(self.perm[self.i * b:(self.i + 1) * b])
         self.i += 1
+        self.calls, self.last = self.calls + 1, losses
         return losses
 
-
-def time_steps(loop, steps, device):
-    """Milliseconds per step over `steps` calls, the device drained before and after."""
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loop()
-    synchronize(device)
-    return (time.perf_counter() - start) * 1e3 / steps
+    @property
+    def last_loss(self):
+        return None if self.last is None else float(self.last[0])
 
 
-def main(argv=None):
-    """Exit code; usage and data errors print `error: ...` and give 2."""
-    return run(_main, argv, user_errors=(DataError,))
-
-
-def _main(argv):
-    args = parse_args(argv)
-    device = resolve_device(args.device)
+def run(args):
+    """Exit code; a bad option raises UsageError (exit 2)."""
+    check_args(args)
+    device = engine.resolve_device(args.device)
     if args.cuda_graphs and device.type != "cuda":
-        raise CLIError(f"--cuda-graphs needs a CUDA device (got {device})")
-    set_threads(args.threads, device)
+        raise UsageError(f"--cuda-graphs needs a CUDA device (got {device})")
+    engine.set_threads(args.threads, device)
+    engine.check_penalty(args.penalty)  # the extension loads, or a one-line error
     images, labels, sample = tiled_train_set()
 
     with tempfile.TemporaryDirectory(prefix="l2fast-bench-") as root:
@@ -175,18 +182,21 @@ def _main(argv):
               flush=True)
         for loop in loops.values():
             if args.warmup:
-                time_steps(loop, args.warmup, device)
-        per_round = [args.steps // args.rounds + (r < args.steps % args.rounds) for r in range(args.rounds)]
-        times = {name: [] for name in loops}
-        for r, steps in enumerate(per_round):
-            if steps == 0:
-                continue
-            order = list(loops) if r % 2 == 0 else list(loops)[::-1]
-            for name in order:
-                times[name].append(time_steps(loops[name], steps, device))
-
+                time_call(loop, iters=args.warmup)
+        seconds = interleaved(loops, args.steps, args.rounds)
+    times = {name: [s * 1e3 for s in per_round] for name, per_round in seconds.items()}
     print_table(times)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(results(times, loops), indent=2) + "\n")
     return 0
+
+
+def results(times, loops):
+    """The measurements as JSON: per side, ms per step in each round, their median, the steps run
+    and the last step's loss (finite when the side really trained)."""
+    rows = {name: {"ms_per_step_rounds": t, "ms_per_step_median": statistics.median(t),
+                   "steps_run": loops[name].calls, "last_loss": loops[name].last_loss} for name, t in times.items()}
+    return {"results": rows, "speedup": rows["notebook"]["ms_per_step_median"] / rows["l2fast"]["ms_per_step_median"]}
 
 
 def print_table(times):
@@ -201,6 +211,3 @@ def print_table(times):
           f"(median of {len(times['l2fast'])} rounds; per-round ratios "
           f"{', '.join(f'{a / b:.1f}' for a, b in zip(times['notebook'], times['l2fast']))})")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

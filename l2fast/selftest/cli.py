@@ -1,5 +1,4 @@
 """The command: options, where the report goes, which devices can be tested, then the checks."""
-import argparse
 import sys
 import tempfile
 import time
@@ -11,13 +10,8 @@ from . import report as rep
 from .runner import Context, run_checks
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through _cli.run, exit 2
-        raise UsageError(f"{message} (see python -m l2fast.selftest --help)")
-
-
 def parse_args(argv):
-    p = _Parser(prog="python -m l2fast.selftest", description=sys.modules[__package__].__doc__.split("\n\n")[0])
+    p = _cli.ArgumentParser(prog="python -m l2fast.selftest", description=sys.modules[__package__].__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the CPU, and CUDA where a GPU and CUDA kernels are present (default); "
                         "cpu: CPU only; cuda: CUDA only (an error without a GPU)")
