@@ -1,6 +1,7 @@
 #include "l2_penalty.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -79,7 +80,8 @@ bool share_memory(const at::Tensor& a, const at::Tensor& b) {
 // they are only read. O(n log n): byte ranges sorted by start, each compared only with the ranges
 // still open at its start.
 // Natural merge sort: lists come mostly in allocation order (tens of ascending runs for 100,000
-// tensors), so merging the runs costs O(n log runs) against std::sort's O(n log n).
+// tensors), so merging the runs costs O(n log runs) against std::sort's O(n log n). One scratch
+// buffer for all passes: std::inplace_merge would allocate (and page-fault) one per merge.
 template <typename T, typename Less>
 void sort_runs(std::vector<T>& v, Less less) {
   std::vector<size_t> bounds{0};
@@ -87,19 +89,32 @@ void sort_runs(std::vector<T>& v, Less less) {
     if (less(v[i], v[i - 1])) bounds.push_back(i);
   }
   bounds.push_back(v.size());
+  if (bounds.size() <= 2) return;  // already sorted
+  std::vector<T> scratch(v.size());
+  std::vector<T>* from = &v;
+  std::vector<T>* to = &scratch;
+  std::vector<size_t> merged;
   while (bounds.size() > 2) {
     const size_t runs = bounds.size() - 1;
-    std::vector<size_t> merged{0};
-    for (size_t k = 0; k + 2 <= runs; k += 2) {
-      std::inplace_merge(v.begin() + bounds[k], v.begin() + bounds[k + 1], v.begin() + bounds[k + 2], less);
-      merged.push_back(bounds[k + 2]);
+    merged.assign(1, 0);
+    for (size_t k = 0; k < runs; k += 2) {
+      const auto first = from->begin();
+      const size_t last = bounds[std::min(k + 2, runs)];
+      if (k + 1 < runs) {
+        std::merge(first + bounds[k], first + bounds[k + 1], first + bounds[k + 1], first + last,
+                   to->begin() + bounds[k], less);
+      } else {
+        std::copy(first + bounds[k], first + last, to->begin() + bounds[k]);
+      }
+      merged.push_back(last);
     }
-    if (runs % 2 == 1) merged.push_back(bounds[runs]);
+    std::swap(from, to);
     bounds.swap(merged);
   }
+  if (from != &v) v.swap(scratch);
 }
 
-// ext: [0] the params' extents, [1] the grads', of the non-empty params (filled by validate while
+// ext: [0] the params' extents, [1] the grads', of the non-empty params (filled by checked_plan while
 // each tensor is still in cache).
 void check_no_aliasing(const char* op, at::TensorList params, at::TensorList grads, std::vector<Extent> (&ext)[2]) {
   // Sort each list (a no-op when it was allocated in order), then walk both in one merged order.
@@ -139,27 +154,91 @@ void check_no_aliasing(const char* op, at::TensorList params, at::TensorList gra
   }
 }
 
-// Everything is checked before anything is written: an op that rejects its input modifies nothing.
-void validate(const char* op, at::TensorList params, const at::TensorList* grads, at::IntArrayRef fresh) {
-  std::vector<Extent> ext[2];
+bool dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
+
+void check_param(const char* op, at::TensorList params, size_t i) {
+  const at::Tensor& p = params[i];
+  TORCH_CHECK_VALUE(p.defined(), op, ": params[", i, "] is an undefined tensor");
+  check_layout(op, "params", i, p);
+  TORCH_CHECK_TYPE(is_supported_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ", p.scalar_type(),
+                   "; expected a floating-point tensor (float32, float64, float16 or bfloat16)");
+  TORCH_CHECK_VALUE(p.device() == params[0].device(), op, ": params[", i, "] is on ", p.device(),
+                    " but params[0] is on ", params[0].device(), "; all tensors must be on one device");
+}
+
+// The plan's segment for params[i] and its grad g (w != 0), or for a fresh grad with w == 0.
+void add_segment(Plan& plan, const at::Tensor& p, const at::Tensor& g, bool is_fresh, double w) {
+  if (w == 0.0) {  // p is not read; a fresh grad is zero-filled, an existing one left alone
+    if (!is_fresh) return;
+    if (dense(g)) {
+      plan.segments.push_back({at::Tensor(), g, GradMode::kZero, 0.0});
+    } else {
+      at::Tensor gc = at::empty(g.sizes(), g.options());
+      plan.segments.push_back({at::Tensor(), gc, GradMode::kZero, 0.0});
+      plan.writeback.emplace_back(g, gc);
+    }
+    return;
+  }
+  const GradMode mode = is_fresh ? GradMode::kWrite : GradMode::kAccumulate;
+  if (dense(p) && dense(g) && p.strides() == g.strides()) {
+    plan.segments.push_back({p, g, mode, w});
+  } else if (g.is_contiguous()) {
+    plan.segments.push_back({p.contiguous(), g, mode, w});
+  } else {
+    // The grad's layout cannot be walked with p's: use a contiguous stand-in, copied back after.
+    at::Tensor gc = mode == GradMode::kWrite ? at::empty(g.sizes(), g.options()) : g.contiguous();
+    plan.segments.push_back({p.contiguous(), gc, mode, w});
+    plan.writeback.emplace_back(g, gc);
+  }
+}
+
+// Checks the inputs and builds the plan in one pass over the tensors: with 100,000 tensors each
+// TensorImpl is a cache miss, so a second pass costs about as much as the first. The plan writes
+// nothing the caller can see (only its own stand-ins), and everything, aliasing included, is
+// checked before a kernel runs: an op that rejects its input modifies nothing.
+// own_grads: the grads were just made by the op itself (empty_like of params already checked):
+// neither is checked again.
+Plan checked_plan(const char* op, at::TensorList params, const at::TensorList* grads, at::IntArrayRef fresh,
+                  Weights weights, bool own_grads = false) {
   if (grads) {
     TORCH_CHECK_VALUE(grads->size() == params.size(), op, ": got ", params.size(), " params but ", grads->size(),
                       " grads; expected one grad per param");
+  }
+  std::vector<bool> is_fresh(params.size(), false);
+  for (int64_t f : fresh) {
+    TORCH_CHECK_INDEX(f >= 0 && f < static_cast<int64_t>(params.size()), op, ": fresh index ", f,
+                      " is out of range for ", params.size(), " params");
+    is_fresh[f] = true;
+  }
+  // Outside inference mode an inference tensor may not be written in place (torch's own rule). Checked
+  // here, where each grad is read anyway, rather than in a pass of its own in the ADInplaceOrView kernel.
+  const bool refuse_inference = grads && !own_grads && !c10::InferenceMode::is_enabled();
+  Plan plan;
+  if (!params.empty()) plan.device = params[0].device();
+  plan.segments.reserve(params.size());
+  std::vector<Extent> ext[2];  // [0] params, [1] grads: the non-empty pairs' byte ranges
+  if (grads && !own_grads) {
     ext[0].reserve(params.size());
     ext[1].reserve(params.size());
   }
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK_VALUE(p.defined(), op, ": params[", i, "] is an undefined tensor");
-    check_layout(op, "params", i, p);
-    TORCH_CHECK_TYPE(is_supported_dtype(p.scalar_type()), op, ": params[", i, "] has dtype ", p.scalar_type(),
-                     "; expected a floating-point tensor (float32, float64, float16 or bfloat16)");
-    TORCH_CHECK_VALUE(p.device() == params[0].device(), op, ": params[", i, "] is on ", p.device(),
-                      " but params[0] is on ", params[0].device(), "; all tensors must be on one device");
-    if (!grads) continue;
+    if (!own_grads) check_param(op, params, i);
+    plan.any_double |= p.scalar_type() == at::kDouble;
+    const double w = weights ? (*weights)[i] : 1.0;
+    if (!grads) {
+      if (p.numel() != 0 && w != 0.0) plan.segments.push_back({dense(p) ? p : p.contiguous(), at::Tensor(), GradMode::kNone, w});
+      continue;
+    }
     const at::Tensor& g = (*grads)[i];
+    if (own_grads) {
+      if (p.numel() != 0) add_segment(plan, p, g, is_fresh[i], w);
+      continue;
+    }
     TORCH_CHECK_VALUE(g.defined(), op, ": grads[", i, "] is an undefined tensor");
     check_layout(op, "grads", i, g);
+    TORCH_CHECK(!(refuse_inference && g.is_inference()), op, ": grads[", i, "] is an inference tensor; it may "
+                "only be updated in place inside torch.inference_mode()");
     TORCH_CHECK_VALUE(g.device() == p.device(), op, ": grads[", i, "] is on ", g.device(), " but params[", i,
                       "] is on ", p.device(), "; a grad must be on its param's device");
     TORCH_CHECK_TYPE(g.scalar_type() == p.scalar_type(), op, ": grads[", i, "] has dtype ", g.scalar_type(),
@@ -172,55 +251,9 @@ void validate(const char* op, at::TensorList params, const at::TensorList* grads
     if (p.numel() == 0) continue;
     ext[0].push_back(extent_of(p, static_cast<int64_t>(i)));
     ext[1].push_back(extent_of(g, static_cast<int64_t>(i)));
+    add_segment(plan, p, g, is_fresh[i], w);
   }
-  for (int64_t f : fresh) {
-    TORCH_CHECK_INDEX(f >= 0 && f < static_cast<int64_t>(params.size()), op, ": fresh index ", f,
-                      " is out of range for ", params.size(), " params");
-  }
-  if (grads) check_no_aliasing(op, params, *grads, ext);
-}
-
-bool dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
-
-Plan make_plan(at::TensorList params, const at::TensorList* grads, at::IntArrayRef fresh, Weights weights) {
-  Plan plan;
-  if (!params.empty()) plan.device = params[0].device();
-  std::vector<bool> is_fresh(params.size(), false);
-  for (int64_t f : fresh) is_fresh[f] = true;
-  plan.segments.reserve(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    plan.any_double |= p.scalar_type() == at::kDouble;
-    if (p.numel() == 0) continue;
-    const double w = weights ? (*weights)[i] : 1.0;
-    if (!grads) {
-      if (w != 0.0) plan.segments.push_back({dense(p) ? p : p.contiguous(), at::Tensor(), GradMode::kNone, w});
-      continue;
-    }
-    const at::Tensor& g = (*grads)[i];
-    if (w == 0.0) {  // p is not read; a fresh grad is zero-filled, an existing one left alone
-      if (!is_fresh[i]) continue;
-      if (dense(g)) {
-        plan.segments.push_back({at::Tensor(), g, GradMode::kZero, 0.0});
-      } else {
-        at::Tensor gc = at::empty(g.sizes(), g.options());
-        plan.segments.push_back({at::Tensor(), gc, GradMode::kZero, 0.0});
-        plan.writeback.emplace_back(g, gc);
-      }
-      continue;
-    }
-    const GradMode mode = is_fresh[i] ? GradMode::kWrite : GradMode::kAccumulate;
-    if (dense(p) && dense(g) && p.strides() == g.strides()) {
-      plan.segments.push_back({p, g, mode, w});
-    } else if (g.is_contiguous()) {
-      plan.segments.push_back({p.contiguous(), g, mode, w});
-    } else {
-      // The grad's layout cannot be walked with p's: use a contiguous stand-in, copied back after.
-      at::Tensor gc = mode == GradMode::kWrite ? at::empty(g.sizes(), g.options()) : g.contiguous();
-      plan.segments.push_back({p.contiguous(), gc, mode, w});
-      plan.writeback.emplace_back(g, gc);
-    }
-  }
+  if (grads && !own_grads) check_no_aliasing(op, params, *grads, ext);
   return plan;
 }
 
@@ -272,15 +305,13 @@ void Plan::finish() const {
 at::Tensor l2_penalty_impl(at::TensorList params, double weight, Weights weights, RunKernel run) {
   constexpr const char* op = "l2fast.l2_penalty";
   check_weights(op, weight, weights, params.size());
-  validate(op, params, nullptr, {});
-  Plan plan = make_plan(params, nullptr, {}, weights);
+  Plan plan = checked_plan(op, params, nullptr, {}, weights);
   if (plan.segments.empty()) return empty_value(params, plan.acc_dtype());
   return run(plan, weight, nullptr, /*reduce=*/true);
 }
 
 at::Tensor sq_norm_impl(at::TensorList tensors, RunKernel run) {
-  validate("l2fast.sq_norm", tensors, nullptr, {});
-  Plan plan = make_plan(tensors, nullptr, {}, std::nullopt);
+  Plan plan = checked_plan("l2fast.sq_norm", tensors, nullptr, {}, std::nullopt);
   if (plan.segments.empty()) return empty_value(tensors, plan.acc_dtype());
   return run(plan, 1.0, nullptr, /*reduce=*/true);
 }
@@ -289,9 +320,9 @@ std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::Ten
                                                  Weights weights, RunKernel run) {
   constexpr const char* op = "l2fast.l2_penalty_backward";
   check_weights(op, weight, weights, params.size());
-  validate(op, params, nullptr, {});
   TORCH_CHECK_VALUE(grad.numel() == 1, op, ": grad has shape ", grad.sizes(),
                     "; expected the 0-dim gradient of the penalty");
+  for (size_t i = 0; i < params.size(); ++i) check_param(op, params, i);
   std::vector<at::Tensor> grads;
   grads.reserve(params.size());
   std::vector<int64_t> fresh(params.size());
@@ -300,7 +331,7 @@ std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::Ten
     fresh[i] = static_cast<int64_t>(i);
   }
   at::TensorList grad_list(grads);
-  Plan plan = make_plan(params, &grad_list, fresh, weights);
+  Plan plan = checked_plan(op, params, &grad_list, fresh, weights, /*own_grads=*/true);
   if (plan.segments.empty()) return grads;
   at::Tensor g = grad.reshape({}).to(plan.device, plan.acc_dtype());
   run(plan, weight, &g, /*reduce=*/false);
@@ -312,8 +343,7 @@ at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, 
                                    at::IntArrayRef fresh, Weights weights, RunKernel run) {
   constexpr const char* op = "l2fast.l2_penalty_";
   check_weights(op, weight, weights, params.size());
-  validate(op, params, &grads, fresh);
-  Plan plan = make_plan(params, &grads, fresh, weights);
+  Plan plan = checked_plan(op, params, &grads, fresh, weights);
   if (plan.segments.empty()) return empty_value(params, plan.acc_dtype());
   at::Tensor value = run(plan, weight, nullptr, /*reduce=*/true);
   plan.finish();
