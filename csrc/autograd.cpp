@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include "l2_penalty.h"
 #include "ops.h"
 
 namespace l2fast {
@@ -59,6 +60,18 @@ struct L2Penalty : public torch::autograd::Function<L2Penalty> {
 
 }  // namespace
 
+void refuse_grads_in_graph(at::TensorList g) {
+  for (size_t i = 0; i < g.size(); ++i) {
+    TORCH_CHECK_VALUE(!(g[i].defined() && g[i].requires_grad()), "l2fast.l2_penalty_: grads[", i,
+                      "] requires grad; expected plain gradient buffers (the op writes them in place, "
+                      "outside autograd)");
+  }
+}
+
+void bump_versions(at::TensorList g) {
+  for (const at::Tensor& t : g) torch::autograd::impl::bump_version(t);
+}
+
 TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
   m.impl("sq_norm", [](at::TensorList t) { return SqNorm::apply(t); });
   m.impl("l2_penalty", [](at::TensorList p, double w, Weights ws) { return L2Penalty::apply(p, w, ws); });
@@ -68,11 +81,7 @@ TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
   // the whole seed-MLP-sized kernel; it must then refuse grads that are part of an autograd graph.
   m.impl("l2_penalty_", [](c10::DispatchKeySet ks, at::TensorList p, at::TensorList g, double w,
                            at::IntArrayRef fresh, Weights ws) {
-    for (size_t i = 0; i < g.size(); ++i) {
-      TORCH_CHECK_VALUE(!(g[i].defined() && g[i].requires_grad()), "l2fast.l2_penalty_: grads[", i,
-                        "] requires grad; expected plain gradient buffers (the op writes them in place, "
-                        "outside autograd)");
-    }
+    refuse_grads_in_graph(g);
     at::AutoDispatchBelowAutograd guard;
     return l2_penalty_redispatch(ks & c10::after_autograd_keyset, p, g, w, fresh, ws);
   });
@@ -91,7 +100,7 @@ TORCH_LIBRARY_IMPL(l2fast, ADInplaceOrView, m) {
       at::AutoDispatchBelowADInplaceOrView guard;
       value = l2_penalty_redispatch(ks & c10::after_ADInplaceOrView_keyset, p, g, w, fresh, ws);
     }
-    for (const at::Tensor& t : g) torch::autograd::impl::bump_version(t);
+    bump_versions(g);
     return value;
   });
 }

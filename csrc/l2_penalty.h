@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -56,6 +57,26 @@ std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::Ten
 at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, double weight,
                                    at::IntArrayRef fresh, Weights weights, RunKernel run);
 
+// What the last successful validation of one caller's (params, grads, weight) depended on: every
+// tensor's identity, address, dtype, device, sizes and strides. A caller that passes the same tensors
+// again and again (L2Penalty) keeps one, and while nothing in it changes the checks are skipped.
+struct Validated {
+  std::vector<int64_t> key;
+  std::mutex busy;  // two threads with one cache: the second validates in full and keeps nothing
+};
+
+// l2_penalty_inplace_impl with a Validated cache.
+at::Tensor l2_penalty_inplace_cached(Validated& seen, at::TensorList params, at::TensorList grads, double weight,
+                                     at::IntArrayRef fresh, Weights weights, RunKernel run);
+
+// Each backend's kernel by device type (nullptr: none), for the one caller that skips the dispatcher.
+RunKernel kernel_for(c10::DeviceType type);
+void set_kernel(c10::DeviceType type, RunKernel run);
+
+// What l2_penalty_'s Autograd kernel checks and its ADInplaceOrView kernel does (csrc/autograd.cpp).
+void refuse_grads_in_graph(at::TensorList grads);
+void bump_versions(at::TensorList grads);
+
 }  // namespace l2fast
 
 #include <torch/library.h>
@@ -64,7 +85,8 @@ namespace l2fast {
 
 // Registers the four ops for one backend (CPU, CUDA) over that backend's kernel.
 template <RunKernel run>
-void register_kernels(torch::Library& m) {
+void register_kernels(torch::Library& m, c10::DeviceType type) {
+  set_kernel(type, run);
   m.impl("sq_norm", [](at::TensorList t) { return sq_norm_impl(t, run); });
   m.impl("l2_penalty", [](at::TensorList p, double w, Weights ws) { return l2_penalty_impl(p, w, ws, run); });
   m.impl("l2_penalty_backward", [](const at::Tensor& g, at::TensorList p, double w, Weights ws) {

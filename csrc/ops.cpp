@@ -1,20 +1,10 @@
-// Op schemas (backend-independent), their typed C++ handles, and the Python module that loading
-// the library needs.
+// Op schemas (backend-independent) and their typed C++ handles.
 #include "ops.h"
 
 #include "l2_penalty.h"
 
-#include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
-
-extern "C" {
-// `import l2fast._C` runs the static TORCH_LIBRARY registrations below; the module itself is empty.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(l2fast, m) {
   m.def("sq_norm(Tensor[] tensors) -> Tensor");

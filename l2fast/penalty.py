@@ -7,6 +7,7 @@ seed notebook (weight * sum(p^2) in the loss); give the optimizer `weight_decay=
 also want AdamW's decoupled decay on top.
 """
 import operator
+import sys
 
 import torch
 from torch import nn
@@ -101,6 +102,9 @@ class L2Penalty:
         self._n_groups = len(groups)
         one = self._parts[0] if len(self._parts) == 1 and self._parts[0].mesh is None else None
         self._fast = None if one is None else (one.params, one.weight, one.weights)
+        self._direct = None if one is None else (  # _C._add_grad_'s arguments
+            list(one.params), one.weight, None if one.weights is None else torch.tensor(one.weights, dtype=torch.float64),
+            _C._validated())
 
     def _stale(self):
         if len(self.param_groups) != self._n_groups:
@@ -115,6 +119,10 @@ class L2Penalty:
         """`p.grad += 2·w·p` for every penalised p (a None grad becomes 2·w·p); returns the value, detached."""
         if self._stale():
             self._build()
+        if self._direct is not None and not torch.compiler.is_compiling():
+            value = _add_grad_direct(*self._direct)  # None: a mode or tensor subclass needs torch.ops
+            if value is not None:
+                return value
         fast = self._fast
         if fast is not None:
             params, weight, weights = fast
@@ -156,3 +164,5 @@ class L2Penalty:
 
 
 _inplace = torch.ops.l2fast.l2_penalty_.default._op
+_C = sys.modules[__package__ + "._C"]  # loaded by functional's import of ops
+_add_grad_direct = _C._add_grad_

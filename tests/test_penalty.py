@@ -406,6 +406,120 @@ class TestL2Penalty:
         assert "L2Penalty" in out.stdout and "decay_groups" in out.stdout
 
 
+class TestDirectCall:
+    """L2Penalty.add_grad_ runs the kernel without the dispatcher (l2fast._C._add_grad_) when the
+    tensors are plain and no mode is active, and skips the checks when the tensors are the ones the
+    last call checked. Every change between calls must still be seen, and the result is the op's."""
+
+    def params(self, gen):
+        """Params as models hold them: a plain matrix, a slice of a bigger buffer, a transposed view."""
+        return [torch.randn(6, 5, generator=gen).requires_grad_(),
+                torch.randn(41, generator=gen)[1:].view(8, 5).requires_grad_(),
+                torch.randn(5, 7, generator=gen).t().requires_grad_()]
+
+    def test_taken_for_plain_tensors_and_not_under_a_mode(self):
+        gen = torch.Generator().manual_seed(0)
+        ps = self.params(gen)
+        pen = l2fast.L2Penalty([{"params": ps[:2], "weight": 0.5}, {"params": ps[2:], "weight": 0.25}])
+        assert pen._direct is not None
+        assert l2fast._C._add_grad_(*pen._direct) is not None  # taken: the grads were made
+        assert all(p.grad is not None for p in ps)
+        before = [p.grad.clone() for p in ps]
+        with OpCalls() as mode:  # a TorchDispatchMode must see the op: the direct call steps aside
+            assert l2fast._C._add_grad_(*pen._direct) is None
+            assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))  # and wrote nothing
+            pen.add_grad_()
+        assert [name for name, _ in mode.calls] == ["l2_penalty_.default"]
+        with torch.inference_mode():
+            assert l2fast._C._add_grad_(*pen._direct) is None
+
+    def test_same_bits_as_the_op(self):
+        gen = torch.Generator().manual_seed(1)
+        ps = self.params(gen)
+        ps[0].grad = torch.randn(ps[0].shape, generator=gen)
+        ps[2].grad = torch.randn(ps[2].shape, generator=gen).t().contiguous().t()  # p's strides
+        groups = [{"params": ps[:2], "weight": 0.5}, {"params": ps[2:], "weight": 0.25}]
+        qs = [p.detach().clone().requires_grad_() for p in ps]
+        for p, q in zip(ps, qs):
+            q.grad = None if p.grad is None else p.grad.clone()
+        pen = l2fast.L2Penalty(groups)
+        for _ in range(3):  # the first call checks and remembers; the next ones reuse it
+            got = pen.add_grad_()
+            with OpCalls():  # the same penalty through torch.ops
+                want = l2fast.L2Penalty([{"params": qs[:2], "weight": 0.5}, {"params": qs[2:], "weight": 0.25}]).add_grad_()
+            assert torch.equal(got, want)
+            assert all(torch.equal(p.grad, q.grad) for p, q in zip(ps, qs))
+
+    def test_grad_versions_bumped(self):
+        p = torch.randn(4, requires_grad=True)
+        p.grad = torch.zeros(4)
+        pen = l2fast.L2Penalty([p], 0.1)
+        for _ in range(3):
+            v = p.grad._version
+            pen.add_grad_()
+            assert p.grad._version == v + 1
+
+    STEPS = ["call", "none", "new_data", "new_shape", "edit", "shared_grad", "grad_is_param",
+             "strided_grad", "grad_requires_grad", "param_dtype"]
+
+    @hyp
+    @given(st.lists(st.sampled_from(STEPS), min_size=1, max_size=14), st.integers(0, 2**31 - 1))
+    def test_every_change_between_calls_is_seen(self, steps, seed):
+        gen = torch.Generator().manual_seed(seed)
+        ps = self.params(gen)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+        pen = l2fast.L2Penalty(ps, 0.3)
+        pen.add_grad_()
+        for step in steps:
+            i = int(torch.randint(len(ps), (), generator=gen))
+            j = (i + 1) % len(ps)
+            p, error = ps[i], None
+            with torch.no_grad():
+                if step == "none":
+                    p.grad = None
+                elif step == "new_data":  # new storage behind the same object
+                    p.data = torch.randn(p.shape, generator=gen)
+                elif step == "new_shape":  # and a new shape: the old grad no longer fits
+                    p.data = torch.randn(p.numel() + 1, generator=gen)
+                    error = r"has shape"
+                elif step == "edit":  # new values in the same memory
+                    p.mul_(-2)
+                elif step == "shared_grad":  # two grads overlapping by one element
+                    buf = torch.zeros(200)
+                    nj = ps[j].numel()
+                    ps[j].grad = buf[:nj].view(ps[j].shape)
+                    p.grad = buf[nj - 1:nj - 1 + p.numel()].view(p.shape)
+                    error = r"shares memory with grads\["
+                elif step == "grad_is_param":
+                    p.grad = p.detach()
+                    error = rf"grads\[{i}\] shares memory with params\[{i}\]"
+                elif step == "strided_grad":  # not walkable with p's strides: a stand-in, copied back
+                    p.grad = torch.randn(*p.shape, 2, generator=gen)[..., 1]
+                elif step == "grad_requires_grad":
+                    p.grad = torch.zeros(p.shape, requires_grad=True)
+                    error = r"requires grad"
+                elif step == "param_dtype":  # the param becomes float64; its float32 grad no longer fits
+                    if p.grad is None:
+                        p.grad = torch.zeros(p.shape)
+                    p.data = p.data.double()
+                    error = r"has dtype"
+            before = [None if q.grad is None else q.grad.clone() for q in ps]
+            if error:
+                with pytest.raises((ValueError, TypeError), match=error):
+                    pen.add_grad_()
+                for q, b in zip(ps, before):  # nothing written
+                    assert (q.grad is None) if b is None else torch.equal(q.grad, b)
+                p.data = p.data.float()  # repaired for the next step
+                p.grad = torch.zeros(p.shape)
+                if step == "shared_grad":
+                    ps[j].grad = torch.zeros(ps[j].shape)
+                continue
+            want, added = reference([{"params": ps}], 0.3)
+            assert_value(pen.add_grad_(), want, torch.float32)
+            assert_grads([{"params": ps}], before, added)
+
+
 class TestBenchCLI:
     @pytest.mark.parametrize("argv, match", [
         (["--tensors", "0"], "--tensors 0"),

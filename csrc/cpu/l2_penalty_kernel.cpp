@@ -136,6 +136,6 @@ at::Tensor run_cpu(const Plan& plan, double weight, const at::Tensor* grad_out, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(l2fast, CPU, m) { register_kernels<run_cpu>(m); }
+TORCH_LIBRARY_IMPL(l2fast, CPU, m) { register_kernels<run_cpu>(m, c10::DeviceType::CPU); }
 
 }  // namespace l2fast

@@ -355,6 +355,6 @@ at::Tensor run_cuda(const Plan& plan, double weight, const at::Tensor* grad_out,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(l2fast, CUDA, m) { register_kernels<run_cuda>(m); }
+TORCH_LIBRARY_IMPL(l2fast, CUDA, m) { register_kernels<run_cuda>(m, c10::DeviceType::CUDA); }
 
 }  // namespace l2fast

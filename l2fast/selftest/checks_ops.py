@@ -441,6 +441,59 @@ def _accepts_groups(l2fast):
         return False
 
 
+def direct_call_check(device):
+    """L2Penalty.add_grad_ skips the dispatcher (and, for the tensors it checked last time, the checks):
+    it must give the op's bits, and still see a grad swapped for one that aliases another."""
+    def fn(ctx):
+        l2fast = _l2fast()
+        if not hasattr(l2fast, "_C") or not hasattr(l2fast._C, "_add_grad_"):
+            raise Skip("this l2fast has no direct call")
+        dev = torch.device(device)
+        ref = refs.Reference()
+        base = randn((16385 * 3 + 5,), torch.float32, dev, 70)
+        params = [randn((300, 70), torch.float32, dev, 71).t(), base[5:].view(3, 16385),
+                  randn((33,), torch.float32, dev, 72)]
+        params = [p.requires_grad_() for p in params]
+        params[0].grad = randn((70, 300), torch.float32, dev, 73)
+        params[2].grad = randn((33,), torch.float32, dev, 74)
+        twins = [p.detach().clone().requires_grad_() for p in params]
+        for p, q in zip(params, twins):
+            q.grad = None if p.grad is None else p.grad.clone()
+        weights = [0.5, 0.5, 0.25]
+        pen = l2fast.L2Penalty([{"params": params[:2], "weight": 0.5}, {"params": params[2:], "weight": 0.25}])
+        if pen._direct is None:
+            raise CheckFailed("L2Penalty over plain tensors has no direct call")
+        g_old = snapshot([p.grad for p in params if p.grad is not None])
+        expected = sum(w * ref.sq_norm([p]) for p, w in zip(params, weights))
+        for call in range(3):  # the first call checks the tensors, the next ones reuse that
+            got = l2fast._C._add_grad_(*pen._direct)
+            if got is None:
+                raise CheckFailed(f"call {call}: the direct call stepped aside for plain tensors, no mode")
+            fresh = [i for i, q in enumerate(twins) if q.grad is None]
+            grads = [torch.zeros_like(q) if q.grad is None else q.grad for q in twins]
+            want = torch.ops.l2fast.l2_penalty_(twins, grads, 1.0, fresh, weights)
+            for i in fresh:
+                twins[i].grad = grads[i]
+            if call == 0:
+                worst = check_value("L2Penalty.add_grad_", got, expected, params, dev)
+                olds = iter(g_old)
+                for i, (p, w) in enumerate(zip(params, weights)):
+                    g0 = None if i == 1 else next(olds)
+                    worst = max(worst, check_grad_update(f"params[{i}].grad", p.grad, g0, p, 2 * w, ref))
+            if not refs.bit_equal(got, want):
+                raise CheckFailed(f"call {call}: value {got.item()!r} differs from the op's {want.item()!r}")
+            for i, (p, q) in enumerate(zip(params, twins)):
+                if not refs.bit_equal(p.grad, q.grad):
+                    raise CheckFailed(f"call {call}: params[{i}].grad differs from the op's (expected the same bits)")
+        params[2].grad = params[0].grad.reshape(-1)[:33]  # now a view of grads[0]: must be seen, not skipped
+        _expect_rejected("a grad swapped for a view of another after a checked call", pen.add_grad_,
+                         [p.grad for p in params], (0, 2))
+        return (f"3 views, 2 weights, a fresh grad: 3 calls bit-identical to the op, the first within "
+                f"tolerance of float64 (worst {worst:.2f}); a later alias rejected")
+
+    return Check(f"{device} L2Penalty direct call", fn, device)
+
+
 # --- determinism -------------------------------------------------------------------------------
 
 def determinism_check(device):
@@ -484,6 +537,6 @@ def determinism_check(device):
 def checks(device):
     out = [values_check(device, dt, mode) for dt in refs.DTYPES for mode in MODES]
     out += [views_check(device), zero_size_check(device), many_tensors_check(device), aliasing_check(device),
-            weights_check(device), param_groups_check(device), determinism_check(device)]
+            weights_check(device), param_groups_check(device), direct_call_check(device), determinism_check(device)]
     return out
 

@@ -1,0 +1,114 @@
+// The Python module l2fast._C. Importing it runs the ops' static registrations; it also holds one
+// direct call, `_add_grad_`, through which L2Penalty.add_grad_ runs l2_penalty_ without the
+// dispatcher: a torch.ops call costs ~3 µs plus ~0.25 µs per tensor (boxing the lists, reading every
+// tensor's keys), about as much as the seed MLP's whole pass over memory.
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <vector>
+
+#include "l2_penalty.h"
+
+namespace {
+
+// The keys of a plain CPU or CUDA tensor outside inference mode: nothing that a dispatcher call would
+// send elsewhere (Python subclasses and modes, functionalization, vmap, sparse, ...).
+bool plain(const at::Tensor& t) {
+  static const c10::DispatchKeySet kPlain{c10::DispatchKey::CPU,          c10::DispatchKey::CUDA,
+                                          c10::DispatchKey::AutogradCPU,  c10::DispatchKey::AutogradCUDA,
+                                          c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU,
+                                          c10::DispatchKey::AutocastCUDA};
+  const c10::DispatchKeySet ks = t.key_set();
+  return kPlain.isSupersetOf(ks) && ks.has(c10::DispatchKey::ADInplaceOrView);
+}
+
+constexpr const char* kCapsule = "l2fast.Validated";
+
+// _validated() -> a capsule holding an empty l2fast::Validated, for _add_grad_.
+PyObject* validated(PyObject* /*module*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  return PyCapsule_New(new l2fast::Validated(), kCapsule, [](PyObject* capsule) {
+    delete static_cast<l2fast::Validated*>(PyCapsule_GetPointer(capsule, kCapsule));
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+// _add_grad_(params: list[Tensor], weight: float, weights: float64 Tensor | None, validated: capsule)
+//     -> Tensor | None
+//
+// For each param p with grad g: g += 2·weight·w·p (a None grad becomes a new one, set as p.grad);
+// returns the value. Exactly what torch.ops.l2fast.l2_penalty_ does through its Autograd,
+// ADInplaceOrView and backend kernels, with the same checks and errors, but only where the dispatcher
+// would run those three and nothing else: no thread-local modes (TorchDispatchMode, inference mode,
+// autocast, vmap, ...) and only plain tensors. Otherwise it returns None and writes nothing, and the
+// caller goes through torch.ops. `validated` lets calls with the same tensors skip the checks.
+PyObject* add_grad(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 4 && PyList_Check(args[0]) && PyFloat_Check(args[1]) &&
+                       (args[2] == Py_None || THPVariable_Check(args[2])) && PyCapsule_IsValid(args[3], kCapsule),
+                   "l2fast._C._add_grad_(params: list, weight: float, weights: Tensor | None, validated)");
+  auto* seen = static_cast<l2fast::Validated*>(PyCapsule_GetPointer(args[3], kCapsule));
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  const Py_ssize_t n = PyList_GET_SIZE(args[0]);
+  if (tls.included_ != c10::default_included_set || tls.excluded_ != c10::default_excluded_set || n == 0) {
+    Py_RETURN_NONE;
+  }
+  std::vector<at::Tensor> params, grads;
+  std::vector<int64_t> fresh;
+  params.reserve(n);
+  grads.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PyList_GET_ITEM(args[0], i);
+    if (!THPVariable_Check(item)) Py_RETURN_NONE;
+    const at::Tensor& p = THPVariable_Unpack(item);
+    if (!plain(p)) Py_RETURN_NONE;
+    params.push_back(p);
+    grads.push_back(p.grad());
+    if (!grads.back().defined()) {
+      fresh.push_back(i);
+    } else if (!plain(grads.back())) {
+      Py_RETURN_NONE;
+    }
+  }
+  const l2fast::RunKernel run = l2fast::kernel_for(params[0].device().type());
+  if (run == nullptr) Py_RETURN_NONE;  // torch.ops says why
+  for (int64_t i : fresh) grads[i] = at::empty_like(params[i]);
+  const double weight = PyFloat_AS_DOUBLE(args[1]);
+  l2fast::Weights weights;
+  if (args[2] != Py_None) {
+    const at::Tensor& w = THPVariable_Unpack(args[2]);
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kDouble && w.dim() == 1 && w.is_contiguous() && w.is_cpu(),
+                     "l2fast._C._add_grad_: weights must be a contiguous 1-D float64 CPU tensor");
+    weights = at::ArrayRef<double>(w.const_data_ptr<double>(), w.numel());
+  }
+  at::Tensor value;
+  {
+    RECORD_FUNCTION("l2fast::l2_penalty_", c10::ArrayRef<const c10::IValue>{});
+    pybind11::gil_scoped_release no_gil;  // as torch.ops calls do
+    l2fast::refuse_grads_in_graph(grads);
+    value = l2fast::l2_penalty_inplace_cached(*seen, params, grads, weight, fresh, weights, run);
+    l2fast::bump_versions(grads);
+  }
+  for (int64_t i : fresh) params[i].mutable_grad() = grads[i];
+  return THPVariable_Wrap(std::move(value));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"_add_grad_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(add_grad)), METH_FASTCALL,
+     "l2_penalty_ over params and their .grad without the dispatcher (L2Penalty.add_grad_'s fast path); "
+     "None when the call must go through torch.ops."},
+    {"_validated", validated, METH_NOARGS, "A new, empty validation cache for _add_grad_."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}
+}
