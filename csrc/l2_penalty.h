@@ -58,7 +58,7 @@ at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, 
                                    at::IntArrayRef fresh, Weights weights, RunKernel run);
 
 // What the last successful validation of one caller's (params, grads, weight) depended on: every
-// tensor's identity, address, dtype, device, sizes and strides. A caller that passes the same tensors
+// tensor's identity, storage and offset, dtype, device, sizes and strides. A caller that passes the same tensors
 // again and again (L2Penalty) keeps one, and while nothing in it changes the checks are skipped.
 struct Validated {
   std::vector<int64_t> key;

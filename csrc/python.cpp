@@ -27,6 +27,37 @@ bool plain(const at::Tensor& t) {
 
 constexpr const char* kCapsule = "l2fast.Validated";
 
+// Whether `groups` (L2Penalty.param_groups) is still what `watch` recorded when the penalty was built:
+// a tuple of (group dict, its "params" list, a tuple of that list's items, its "weight" or `missing`)
+// per group. The recorded objects are held by `watch`, so none can be freed and another take its
+// address: comparing addresses is comparing identities, as L2Penalty._stale does in Python.
+bool unchanged(PyObject* groups, PyObject* watch, PyObject* missing) {
+  static PyObject* const kParams = PyUnicode_InternFromString("params");
+  static PyObject* const kWeight = PyUnicode_InternFromString("weight");
+  if (!PyList_Check(groups) || !PyTuple_Check(watch) || PyList_GET_SIZE(groups) != PyTuple_GET_SIZE(watch)) {
+    return false;
+  }
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(watch); ++k) {
+    PyObject* entry = PyTuple_GET_ITEM(watch, k);
+    PyObject* group = PyList_GET_ITEM(groups, k);
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || PyTuple_GET_ITEM(entry, 0) != group ||
+        !PyDict_CheckExact(group)) {
+      return false;
+    }
+    PyObject* members = PyDict_GetItem(group, kParams);  // borrowed; never raises
+    PyObject* weight = PyDict_GetItem(group, kWeight);
+    PyObject* items = PyTuple_GET_ITEM(entry, 2);
+    if (members != PyTuple_GET_ITEM(entry, 1) || (weight ? weight : missing) != PyTuple_GET_ITEM(entry, 3) ||
+        !PyList_Check(members) || !PyTuple_Check(items) || PyList_GET_SIZE(members) != PyTuple_GET_SIZE(items)) {
+      return false;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(items); ++i) {
+      if (PyList_GET_ITEM(members, i) != PyTuple_GET_ITEM(items, i)) return false;
+    }
+  }
+  return true;
+}
+
 // _validated() -> a capsule holding an empty l2fast::Validated, for _add_grad_.
 PyObject* validated(PyObject* /*module*/, PyObject* /*unused*/) {
   HANDLE_TH_ERRORS
@@ -36,20 +67,24 @@ PyObject* validated(PyObject* /*module*/, PyObject* /*unused*/) {
   END_HANDLE_TH_ERRORS
 }
 
-// _add_grad_(params: list[Tensor], weight: float, weights: float64 Tensor | None, validated: capsule)
-//     -> Tensor | None
+// _add_grad_(groups, watch, missing, params: list[Tensor], weight: float, weights: float64 Tensor | None,
+//            validated: capsule) -> Tensor | None
 //
 // For each param p with grad g: g += 2·weight·w·p (a None grad becomes a new one, set as p.grad);
 // returns the value. Exactly what torch.ops.l2fast.l2_penalty_ does through its Autograd,
 // ADInplaceOrView and backend kernels, with the same checks and errors, but only where the dispatcher
 // would run those three and nothing else: no thread-local modes (TorchDispatchMode, inference mode,
 // autocast, vmap, ...) and only plain tensors. Otherwise it returns None and writes nothing, and the
-// caller goes through torch.ops. `validated` lets calls with the same tensors skip the checks.
+// caller goes through torch.ops. It also returns None when `groups` changed since `watch` was recorded
+// (the caller rebuilds `params`). `validated` lets calls with the same tensors skip the checks.
 PyObject* add_grad(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 4 && PyList_Check(args[0]) && PyFloat_Check(args[1]) &&
-                       (args[2] == Py_None || THPVariable_Check(args[2])) && PyCapsule_IsValid(args[3], kCapsule),
-                   "l2fast._C._add_grad_(params: list, weight: float, weights: Tensor | None, validated)");
+  TORCH_CHECK_TYPE(nargs == 7 && PyList_Check(args[3]) && PyFloat_Check(args[4]) &&
+                       (args[5] == Py_None || THPVariable_Check(args[5])) && PyCapsule_IsValid(args[6], kCapsule),
+                   "l2fast._C._add_grad_(groups, watch, missing, params: list, weight: float, "
+                   "weights: Tensor | None, validated)");
+  if (!unchanged(args[0], args[1], args[2])) Py_RETURN_NONE;
+  args += 3;
   auto* seen = static_cast<l2fast::Validated*>(PyCapsule_GetPointer(args[3], kCapsule));
   const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
   const Py_ssize_t n = PyList_GET_SIZE(args[0]);

@@ -98,31 +98,39 @@ class L2Penalty:
                 g["params"] = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
         pairs, self._everything = F.parse("L2Penalty", groups, self._weight)
         self._parts = F.plan("L2Penalty", pairs)
-        self._watch = [(g, g["params"], tuple(g["params"]), g.get("weight", _MISSING)) for g in groups]
-        self._n_groups = len(groups)
+        self._watch = tuple((g, g["params"], tuple(g["params"]), g.get("weight", _MISSING)) for g in groups)
         one = self._parts[0] if len(self._parts) == 1 and self._parts[0].mesh is None else None
         self._fast = None if one is None else (one.params, one.weight, one.weights)
-        self._direct = None if one is None else (  # _C._add_grad_'s arguments
-            list(one.params), one.weight, None if one.weights is None else torch.tensor(one.weights, dtype=torch.float64),
+        self._direct = None if one is None else (  # _C._add_grad_'s arguments after param_groups
+            self._watch, _MISSING, list(one.params), one.weight, None if one.weights is None else torch.tensor(one.weights, dtype=torch.float64),
             _C._validated())
 
     def _stale(self):
-        if len(self.param_groups) != self._n_groups:
+        groups = self.param_groups
+        if len(groups) != len(self._watch):
             return True
-        for g, members, snapshot, w in self._watch:
-            if (g["params"] is not members or g.get("weight", _MISSING) is not w or len(members) != len(snapshot)
-                    or not all(map(operator.is_, members, snapshot))):
+        for g, (watched, members, snapshot, w) in zip(groups, self._watch):
+            if (g is not watched or g["params"] is not members or g.get("weight", _MISSING) is not w
+                    or len(members) != len(snapshot) or not all(map(operator.is_, members, snapshot))):
                 return True
         return False
 
     def add_grad_(self):
         """`p.grad += 2·w·p` for every penalised p (a None grad becomes 2·w·p); returns the value, detached."""
-        if self._stale():
-            self._build()
-        if self._direct is not None and not torch.compiler.is_compiling():
-            value = _add_grad_direct(*self._direct)  # None: a mode or tensor subclass needs torch.ops
+        # The direct call (csrc/python.cpp) checks that the groups are unchanged, as _stale does; it
+        # returns None when they changed, under a mode or with a tensor that is not plain.
+        compiling = torch.compiler.is_compiling()
+        direct = None if compiling else self._direct
+        if direct is not None:
+            value = _add_grad_direct(self.param_groups, *direct)
             if value is not None:
                 return value
+        if self._stale():
+            self._build()
+            if not compiling and self._direct is not None:
+                value = _add_grad_direct(self.param_groups, *self._direct)
+                if value is not None:
+                    return value
         fast = self._fast
         if fast is not None:
             params, weight, weights = fast

@@ -353,6 +353,8 @@ class TestL2Penalty:
         pen.param_groups.append({"params": [torch.randn(3, requires_grad=True)], "weight": 2.0})
         groups = pen.param_groups
         check()
+        pen.param_groups[0] = {"params": [torch.randn(2, 2, requires_grad=True)], "weight": 0.3}  # a group replaced
+        check()
 
     def test_weight_change_and_plain_list(self):
         ps = [torch.randn(5, requires_grad=True), torch.randn(2, 3, requires_grad=True)]
@@ -422,16 +424,16 @@ class TestDirectCall:
         ps = self.params(gen)
         pen = l2fast.L2Penalty([{"params": ps[:2], "weight": 0.5}, {"params": ps[2:], "weight": 0.25}])
         assert pen._direct is not None
-        assert l2fast._C._add_grad_(*pen._direct) is not None  # taken: the grads were made
+        assert l2fast._C._add_grad_(pen.param_groups, *pen._direct) is not None  # taken: the grads were made
         assert all(p.grad is not None for p in ps)
         before = [p.grad.clone() for p in ps]
         with OpCalls() as mode:  # a TorchDispatchMode must see the op: the direct call steps aside
-            assert l2fast._C._add_grad_(*pen._direct) is None
+            assert l2fast._C._add_grad_(pen.param_groups, *pen._direct) is None
             assert all(torch.equal(p.grad, b) for p, b in zip(ps, before))  # and wrote nothing
             pen.add_grad_()
         assert [name for name, _ in mode.calls] == ["l2_penalty_.default"]
         with torch.inference_mode():
-            assert l2fast._C._add_grad_(*pen._direct) is None
+            assert l2fast._C._add_grad_(pen.param_groups, *pen._direct) is None
 
     def test_same_bits_as_the_op(self):
         gen = torch.Generator().manual_seed(1)
@@ -459,7 +461,7 @@ class TestDirectCall:
             pen.add_grad_()
             assert p.grad._version == v + 1
 
-    STEPS = ["call", "none", "new_data", "new_shape", "edit", "shared_grad", "grad_is_param",
+    STEPS = ["call", "none", "new_data", "new_shape", "edit", "shared_grad", "grad_moved", "grad_is_param",
              "strided_grad", "grad_requires_grad", "param_dtype"]
 
     @hyp
@@ -491,6 +493,15 @@ class TestDirectCall:
                     ps[j].grad = buf[:nj].view(ps[j].shape)
                     p.grad = buf[nj - 1:nj - 1 + p.numel()].view(p.shape)
                     error = r"shares memory with grads\["
+                elif step == "grad_moved" and p.grad is not None and ps[j].grad is not None:
+                    # the same grad object moved onto another grad's memory: only its storage changed
+                    other = ps[j].grad
+                    n = min(p.numel(), other.numel())
+                    p.data = p.data.reshape(-1)[:n].clone()
+                    p.grad = torch.zeros(n)
+                    pen.add_grad_()  # checked and remembered with the grad in its own memory
+                    p.grad.set_(other.untyped_storage(), other.storage_offset(), (n,), (1,))
+                    error = rf"grads\[{max(i, j)}\] shares memory with grads\[{min(i, j)}\]"
                 elif step == "grad_is_param":
                     p.grad = p.detach()
                     error = rf"grads\[{i}\] shares memory with params\[{i}\]"
@@ -512,6 +523,8 @@ class TestDirectCall:
                     assert (q.grad is None) if b is None else torch.equal(q.grad, b)
                 p.data = p.data.float()  # repaired for the next step
                 p.grad = torch.zeros(p.shape)
+                if step == "grad_moved":
+                    ps[j].grad = torch.zeros(ps[j].shape)
                 if step == "shared_grad":
                     ps[j].grad = torch.zeros(ps[j].shape)
                 continue

@@ -466,7 +466,7 @@ def direct_call_check(device):
         g_old = snapshot([p.grad for p in params if p.grad is not None])
         expected = sum(w * ref.sq_norm([p]) for p, w in zip(params, weights))
         for call in range(3):  # the first call checks the tensors, the next ones reuse that
-            got = l2fast._C._add_grad_(*pen._direct)
+            got = l2fast._C._add_grad_(pen.param_groups, *pen._direct)
             if got is None:
                 raise CheckFailed(f"call {call}: the direct call stepped aside for plain tensors, no mode")
             fresh = [i for i, q in enumerate(twins) if q.grad is None]
