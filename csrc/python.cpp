@@ -5,6 +5,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -58,6 +59,31 @@ bool unchanged(PyObject* groups, PyObject* watch, PyObject* missing) {
   return true;
 }
 
+// Whether a torch.ops call would hand obj to a __torch_function__ of its type (torch's own
+// has_torch_function test, which libtorch_python does not export): any Tensor subclass, except those
+// whose __torch_function__ is torch's disabled one (nn.Parameter).
+bool overrides_torch_function(PyObject* obj) {
+  if (THPVariable_CheckExact(obj) ||
+      at::impl::PythonTorchFunctionTLS::get_disabled_state() != at::impl::TorchFunctionDisabledState::ENABLED) {
+    return false;
+  }
+  static PyObject* const disabled = [] {
+    PyObject* torch_c = PyImport_ImportModule("torch._C");
+    PyObject* impl = torch_c ? PyObject_GetAttrString(torch_c, "_disabled_torch_function_impl") : nullptr;
+    Py_XDECREF(torch_c);
+    if (!impl) PyErr_Clear();
+    return impl;  // kept for the process's life, as torch keeps it
+  }();
+  PyObject* attr = PyObject_GetAttrString(obj, "__torch_function__");
+  if (!attr) {
+    PyErr_Clear();
+    return false;
+  }
+  const bool overrides = attr != disabled;
+  Py_DECREF(attr);
+  return overrides;
+}
+
 // _validated() -> a capsule holding an empty l2fast::Validated, for _add_grad_.
 PyObject* validated(PyObject* /*module*/, PyObject* /*unused*/) {
   HANDLE_TH_ERRORS
@@ -73,8 +99,9 @@ PyObject* validated(PyObject* /*module*/, PyObject* /*unused*/) {
 // For each param p with grad g: g += 2·weight·w·p (a None grad becomes a new one, set as p.grad);
 // returns the value. Exactly what torch.ops.l2fast.l2_penalty_ does through its Autograd,
 // ADInplaceOrView and backend kernels, with the same checks and errors, but only where the dispatcher
-// would run those three and nothing else: no thread-local modes (TorchDispatchMode, inference mode,
-// autocast, vmap, ...) and only plain tensors. Otherwise it returns None and writes nothing, and the
+// would run those three and nothing else: no thread-local modes (TorchFunctionMode, TorchDispatchMode,
+// inference mode, autocast, vmap, ...), and params with no __torch_function__ or dispatch keys of
+// their own. Otherwise it returns None and writes nothing, and the
 // caller goes through torch.ops. It also returns None when `groups` changed since `watch` was recorded
 // (the caller rebuilds `params`). `validated` lets calls with the same tensors skip the checks.
 PyObject* add_grad(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -88,16 +115,21 @@ PyObject* add_grad(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
   auto* seen = static_cast<l2fast::Validated*>(PyCapsule_GetPointer(args[3], kCapsule));
   const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
   const Py_ssize_t n = PyList_GET_SIZE(args[0]);
-  if (tls.included_ != c10::default_included_set || tls.excluded_ != c10::default_excluded_set || n == 0) {
+  if (tls.included_ != c10::default_included_set || tls.excluded_ != c10::default_excluded_set || n == 0 ||
+      at::impl::torch_function_mode_enabled()) {  // a TorchFunctionMode sees torch.ops calls: let it
     Py_RETURN_NONE;
   }
+  PyTypeObject* checked = nullptr;  // a type seen in this call with no __torch_function__ of its own
   std::vector<at::Tensor> params, grads;
   std::vector<int64_t> fresh;
   params.reserve(n);
   grads.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(args[0], i);
-    if (!THPVariable_Check(item)) Py_RETURN_NONE;
+    if (Py_TYPE(item) != checked) {  // nn.Parameter's __torch_function__ is torch's disabled one
+      if (!THPVariable_Check(item) || overrides_torch_function(item)) Py_RETURN_NONE;
+      checked = Py_TYPE(item);
+    }
     const at::Tensor& p = THPVariable_Unpack(item);
     if (!plain(p)) Py_RETURN_NONE;
     params.push_back(p);

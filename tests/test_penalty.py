@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import l2fast
@@ -25,6 +26,18 @@ class OpCalls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == "l2fast":
             self.calls.append((func.__name__, args))
+        return func(*args, **(kwargs or {}))
+
+
+class FunctionCalls(TorchFunctionMode):
+    """Records the name of every function a TorchFunctionMode sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -434,6 +447,26 @@ class TestDirectCall:
         assert [name for name, _ in mode.calls] == ["l2_penalty_.default"]
         with torch.inference_mode():
             assert l2fast._C._add_grad_(pen.param_groups, *pen._direct) is None
+        with FunctionCalls() as mode:  # a TorchFunctionMode sees torch.ops calls too
+            assert l2fast._C._add_grad_(pen.param_groups, *pen._direct) is None
+            pen.add_grad_()
+        assert "l2fast.l2_penalty_.default" in mode.calls
+
+    def test_steps_aside_for_a_torch_function_subclass(self):
+        class Logged(torch.Tensor):
+            calls = []
+
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                cls.calls.append(str(func))
+                return super().__torch_function__(func, types, args, kwargs)
+
+        ps = [torch.randn(3, requires_grad=True), torch.randn(4).as_subclass(Logged).requires_grad_()]
+        pen = l2fast.L2Penalty(ps, 0.5)
+        assert l2fast._C._add_grad_(pen.param_groups, *pen._direct) is None
+        want = 0.5 * sum((p.detach().double() ** 2).sum().item() for p in ps)
+        assert pen.add_grad_().item() == pytest.approx(want, rel=1e-6)
+        assert "l2fast.l2_penalty_.default" in Logged.calls
 
     def test_same_bits_as_the_op(self):
         gen = torch.Generator().manual_seed(1)
