@@ -189,17 +189,23 @@ def test_small_batches_give_the_same_output(onnx_path, inputs, capsys):
     assert rc1 == rc2 == 0 and out1 == out2 and len(out1.splitlines()) == 17
 
 
-def test_black_on_white_images_need_invert_or_auto(onnx_path, sample, tmp_path, capsys):
+def paper_digits(sample, tmp_path, n=10):
+    """n test digits saved as dark-on-white PNGs (a digit written on paper): (the digits, the paths)."""
     from PIL import Image
 
-    imgs = sample.test_images[:10]
+    imgs = sample.test_images[:n]
     names = []
     for i, im in enumerate(imgs):
         Image.fromarray(255 - im).save(tmp_path / f"paper{i}.png")
         names.append(str(tmp_path / f"paper{i}.png"))
-    ref = infer.Predictor(sample_onnx := onnx_path).predict(imgs).classes.tolist()
+    return imgs, names
+
+
+def test_black_on_white_images_need_invert_or_auto(onnx_path, sample, tmp_path, capsys):
+    imgs, names = paper_digits(sample, tmp_path)
+    ref = infer.Predictor(onnx_path).predict(imgs).classes.tolist()
     for opt in (["--invert"], ["--background", "white"], ["--background", "auto"]):
-        rc, out, err = run_infer([str(sample_onnx), *names, "--json", *opt], capsys)
+        rc, out, err = run_infer([str(onnx_path), *names, "--json", *opt], capsys)
         assert rc == 0, err
         assert [json.loads(line)["class"] for line in out.splitlines()] == ref, opt
     # auto leaves white-on-black images alone
@@ -589,13 +595,7 @@ def test_white_digit_on_transparent_background_is_kept(sample, tmp_path):
 
 
 def test_dark_digit_on_paper_is_right_by_default_and_black_warns(onnx_path, sample, tmp_path, capsys):
-    from PIL import Image
-
-    imgs = sample.test_images[:10]
-    names = []
-    for i, im in enumerate(imgs):
-        Image.fromarray(255 - im).save(tmp_path / f"paper{i}.png")
-        names.append(str(tmp_path / f"paper{i}.png"))
+    imgs, names = paper_digits(sample, tmp_path)
     ref = infer.Predictor(onnx_path).predict(imgs).classes.tolist()
     rc, out, err = run_infer([str(onnx_path), *names, "--json"], capsys)  # no --background: the default
     assert rc == 0, err
