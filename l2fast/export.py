@@ -26,7 +26,7 @@ import sys
 import time
 
 from . import _cli
-from .contract import (ARTIFACTS, IMAGE_SHAPE, INPUT_NAME, MANIFEST_FILE, MNIST_LABELS, N_CLASSES, ONNX_FILE,
+from .contract import (ARTIFACTS, IMAGE_SHAPE, INPUT_NAME, MANIFEST_FILE, MANIFEST_FORMAT, MNIST_LABELS, N_CLASSES, ONNX_FILE,
                        OUTPUT_NAME, PREPROCESSING, PT2_FILE, TORCHSCRIPT_FILE, sha256_file, write_manifest)
 from .errors import ExportError, UsageError, VerificationError
 from .exporters import (MIN_OPSET, OPSET, TORCHSCRIPT_STATUS, export_onnx, export_pt2, export_torchscript,
@@ -106,7 +106,7 @@ def export_model(model, out_dir, images, labels=None, classes=None, opset=OPSET,
 
 def _manifest(model, folder, classes, opset, onnx_info, jit_notes, report, dataset_info, checkpoint_info):
     manifest = {
-        "format_version": 1,
+        "format_version": MANIFEST_FORMAT,
         "created_by": "python -m l2fast.export",
         "created_unix": int(time.time()),
         "model": {"architecture": "MLP (Flatten, Linear/ReLU pairs, Linear logits)",

@@ -96,7 +96,7 @@ def _to_gray(im, path):
 
     mode = im.mode
     if mode.startswith("I;16"):
-        return _scale(np.asarray(im).astype(np.float64), 16, path)
+        return _scale(np.asarray(im).astype(np.float64), 16)
     if mode == "I":
         values = np.asarray(im).astype(np.int64)
         bps = getattr(im, "tag_v2", {}).get(258, 32)  # TIFF BitsPerSample; a PNG in mode I has 16
@@ -106,7 +106,7 @@ def _to_gray(im, path):
         if values.size and values.min() < 0:
             warnings.warn(f"{path}: negative pixel values (down to {int(values.min())}) read as 0", FitWarning,
                           stacklevel=3)
-        return _scale(np.clip(values, 0, None).astype(np.float64), bits, path)
+        return _scale(np.clip(values, 0, None).astype(np.float64), bits)
     if mode == "F":
         values = np.asarray(im, dtype=np.float64)
         finite = np.isfinite(values)
@@ -126,7 +126,7 @@ def _to_gray(im, path):
     return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
-def _scale(values, bits, path):
+def _scale(values, bits):
     return np.rint(np.clip(values, 0, 2 ** bits - 1) * (255.0 / (2 ** bits - 1))).astype(np.uint8)
 
 
@@ -293,7 +293,6 @@ def _read_exact(f, n, name, what):
 
 
 def _idx_batches(path, name, batch_size, background):
-    gz = False
     with open(path, "rb") as raw:
         gz = raw.read(2) == _GZIP_MAGIC
         size = os.fstat(raw.fileno()).st_size

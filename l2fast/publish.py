@@ -22,6 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from ._io import _umask
 from .contract import ARTIFACTS, MANIFEST_FILE
 from .errors import OutputError
 
@@ -151,9 +152,7 @@ def _publish(staging, target, given):
         raise OutputError(f"internal: export wrote {stray} besides its own files; nothing was published to {given}")
     with _signals_held():
         if not os.path.lexists(target):
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the published folder gets the usual mode
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
             try:
                 os.rename(staging, target)  # a new folder appears whole
                 return

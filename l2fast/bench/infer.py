@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _cli
+from .._io import atomic_write_text
 from ..contract import MANIFEST_FILE, ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE
 from ..errors import UsageError
 
@@ -53,8 +54,8 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, default=1024, help="throughput batch size (default 1024)")
     p.add_argument("--reps", type=int, default=50, help="batch calls per backend per round (default 50)")
     p.add_argument("--latency-threads", type=int, default=1, help="threads for the batch-1 phase, all backends (default 1)")
-    p.add_argument("--throughput-threads", type=int, default=os.cpu_count() or 1,
-                   help="threads for the batch phase, all backends (default: all cores)")
+    p.add_argument("--throughput-threads", type=int, default=None,
+                   help="threads for the batch phase, all backends (default: every CPU this process may use)")
     p.add_argument("--no-pt2", action="store_true", help="leave out the torch.export program")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-' for stdout)")
     return p
@@ -267,6 +268,8 @@ def run(args):
     """Run the benchmark for parsed `args`; returns the exit code. Raises l2fast.errors.* on bad input."""
     from ..predictor import max_threads
 
+    if args.throughput_threads is None:
+        args.throughput_threads = max_threads()
     for opt in ("iters", "rounds", "batch", "reps", "latency_threads", "throughput_threads"):
         if getattr(args, opt) < 1:
             raise UsageError(f"--{opt.replace('_', '-')} {getattr(args, opt)}: expected 1 or more")
@@ -305,7 +308,7 @@ def run(args):
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n", encoding="utf-8")
+            atomic_write_text(args.json, text + "\n")
     return 0
 
 
