@@ -5,10 +5,7 @@ import signal
 import sys
 import threading
 
-from .errors import L2fastError, UsageError
-
-# Kept for callers of round 1: a usage error raised by CLI code.
-CLIError = UsageError
+from .errors import L2fastError, UsageError, describe
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -61,8 +58,7 @@ def run(main, argv=None):
     except OSError as e:
         if isinstance(e, BrokenPipeError):
             return _broken_pipe()
-        where = f"{e.filename}: " if e.filename else ""
-        error(f"{where}{e.strerror or e}")
+        error(describe(e))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""The one check of the x86 features l2fast's AVX2 build uses, shared by setup.py and the import check.
+"""What this CPU offers, asked in one place: the x86 features l2fast's AVX2 build uses (shared by
+setup.py and the import check) and the CPUs this process may run on (the bound of every --threads).
 
 Standard library only: setup.py loads this file by path, before torch and without importing l2fast.
 """
+import os
 import platform
 
 AVX2_FEATURES = ("avx2", "fma", "f16c")  # what -mavx2 -mfma -mf16c let the compiler emit
@@ -26,3 +28,12 @@ def missing_avx2_features(cpuinfo="/proc/cpuinfo"):
         return None
     common = set.intersection(*cores)
     return sorted(set(AVX2_FEATURES) - common)
+
+
+def max_threads():
+    """The CPUs this process may run on (its affinity: fewer than the machine's under taskset or a
+    container's cpuset), the most threads any l2fast option accepts."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

@@ -8,12 +8,12 @@ differentiable term in the loss (the l2fast op, or the notebook's torch.cat form
 `shard=(rank, world)` trains one rank's share of each global batch under DDP or FSDP2.
 """
 import enum
-import os
 import platform
 
 import torch
 from torch import nn
 
+from ._cpu import max_threads
 from .errors import UsageError
 
 ADAMW_IMPLS = ("fused", "foreach", "default")
@@ -51,15 +51,11 @@ def resolve_device(name):
     return device
 
 
-def max_threads():
-    return os.cpu_count() or 1
-
-
 def check_threads(threads, what="--threads"):
     """UsageError unless threads is None, 0 (torch's default) or 1..CPU count (torch crashes far above)."""
     if threads is not None and not 0 <= threads <= max_threads():
         raise UsageError(f"{what} {threads}: expected 0 (torch's default) or a count from 1 to "
-                         f"{max_threads()} (this machine's CPUs)")
+                         f"{max_threads()} (the CPUs this process may use)")
 
 
 def set_threads(threads, device):

@@ -61,3 +61,10 @@ class VerificationError(L2fastError):
 
 class DivergedError(L2fastError):
     """Training produced a non-finite loss (exit 1); the message names the step."""
+
+
+def describe(e):
+    """An exception as one message: an OSError on a path as `path: reason`, anything else its text."""
+    if isinstance(e, OSError) and not isinstance(e, L2fastError):
+        return f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+    return str(e)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .errors import L2fastError, UsageError
+from .errors import L2fastError, UsageError, describe
 
 PARALLEL_KINDS = ("ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -145,7 +145,7 @@ class Context:
             except (L2fastError, OSError) as e:
                 if self.world == 1:
                     raise
-                failure = (type(e) if isinstance(e, L2fastError) else UsageError, _one_line(e))
+                failure = (type(e) if isinstance(e, L2fastError) else UsageError, describe(e))
         if self.world == 1:
             return result
         failures = [None] * self.world
@@ -173,12 +173,6 @@ def shared_errors():
 def reported_by_rank0(error):
     """True for an error rank 0 reports too (a secondary rank then exits without a word)."""
     return getattr(error, "shared_by_ranks", False)
-
-
-def _one_line(e):
-    if isinstance(e, OSError) and not isinstance(e, L2fastError):
-        return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
-    return str(e)
 
 
 @contextlib.contextmanager

@@ -9,12 +9,12 @@ Everything that does not depend on the images (names, the run options, the label
 at construction, so a call costs one preprocessing pass, the session run and a softmax.
 """
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from ._cpu import max_threads
 from .contract import IMAGE_SHAPE, labels_from_manifest, read_manifest, to_model_input
 from .errors import ModelError, UsageError
 
@@ -32,14 +32,6 @@ class Prediction(NamedTuple):
         k = max(1, min(int(k), self.probabilities.shape[1]))
         idx = np.argsort(-self.probabilities, axis=1, kind="stable")[:, :k]
         return idx.astype(np.int64), np.take_along_axis(self.probabilities, idx, axis=1)
-
-
-def max_threads():
-    """The most intra-op threads a Predictor accepts: the CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def default_providers():

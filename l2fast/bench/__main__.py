@@ -42,10 +42,6 @@ def build_parser(chosen=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     chosen = _chosen(argv)
-    if chosen is not None:
-        module = importlib.import_module(f"l2fast.bench.{chosen}")
-        if not hasattr(module, "add_arguments"):  # a module still on its own argparse (until it moves)
-            return module.main(argv[argv.index(chosen) + 1:])
     args = build_parser(chosen).parse_args(argv)
     return args._run(args)
 

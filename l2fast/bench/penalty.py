@@ -143,7 +143,7 @@ def run(args):
     for size in sizes:
         params = make_params(SIZES[size], device, args.tensors)
         errors = check_agreement(params, device)
-        t = compare(methods_for(params, device, with_compile), device, rounds=args.rounds)
+        t = compare(methods_for(params, device, with_compile), rounds=args.rounds)
         numel = sum(p.numel() for p in params)
         ratios = [t["L2Penalty"] / t["copy"], t["fused"] / t["copy"], t["foreach"] / t["L2Penalty"],
                   t["seed"] / t["L2Penalty"]]

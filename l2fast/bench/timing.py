@@ -11,14 +11,14 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 from torch.utils import benchmark  # noqa: E402
 
 
-def time_call(fn, device=None, iters=1):
-    """Seconds per call of fn(), averaged over `iters` back-to-back calls. `device` is accepted for
-    callers of the older signature; Timer drains CUDA itself. Runs with torch's current thread count."""
+def time_call(fn, iters=1):
+    """Seconds per call of fn(), averaged over `iters` back-to-back calls (Timer drains CUDA itself).
+    Runs with torch's current thread count."""
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.timeit(iters).mean
 
 
-def compare(methods, device=None, rounds=7, budget_s=0.05, warmup=3):
+def compare(methods, rounds=7, budget_s=0.05, warmup=3):
     """Median seconds per call for each named method, measured round-robin. `methods` maps
     name -> zero-argument callable; each round times about budget_s of calls per method."""
     if rounds < 1:
@@ -27,12 +27,12 @@ def compare(methods, device=None, rounds=7, budget_s=0.05, warmup=3):
     for name, fn in methods.items():
         for _ in range(warmup):
             fn()
-        one = max(time_call(fn, device, 1), 1e-7)
+        one = max(time_call(fn, 1), 1e-7)
         iters[name] = max(1, min(10_000, int(budget_s / one)))
     samples = {name: [] for name in methods}
     for _ in range(rounds):
         for name, fn in methods.items():
-            samples[name].append(time_call(fn, device, iters[name]))
+            samples[name].append(time_call(fn, iters[name]))
     return {name: statistics.median(s) for name, s in samples.items()}
 
 

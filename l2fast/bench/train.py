@@ -64,7 +64,7 @@ def check_args(args):
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup}: expected 0 or more")
     if not 0 <= args.workers <= engine.max_threads():
-        raise UsageError(f"--workers {args.workers}: expected 0 to {engine.max_threads()} (this machine's CPUs)")
+        raise UsageError(f"--workers {args.workers}: expected 0 to {engine.max_threads()} (the CPUs this process may use)")
     if not (math.isfinite(args.l2_weight) and args.l2_weight >= 0):
         raise UsageError(f"--l2-weight {args.l2_weight}: expected a finite number >= 0")
     engine.check_threads(args.threads)
