@@ -68,18 +68,8 @@ def atomic_write_bytes(path, data):
     if stream:
         _write_stream(real, data)
         return
-    real.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
-        resolve_target(real)  # re-checked just before the rename: still a regular file or absent
-        os.replace(tmp, real)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(real) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_text(path, text):
@@ -100,8 +90,8 @@ def atomic_path(path):
         if stream:
             _write_stream(real, tmp.read_bytes())
         else:
-            os.chmod(tmp, 0o666 & ~_umask())
-            resolve_target(real)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
+            resolve_target(real)  # re-checked just before the rename: still a regular file or absent
             os.replace(tmp, real)
     finally:
         if tmp.is_dir():

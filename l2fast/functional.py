@@ -17,7 +17,7 @@ import numbers
 import torch
 
 from . import distributed
-from .ops import _BUILD_INFO, _KERNEL_DEVICES
+from .ops import _BUILD_INFO, _KERNEL_DEVICES, _acc_dtype
 
 _OWN_GROUP_KEYS = frozenset({"params", "weight"})
 # Keys an optimizer or LR scheduler writes into the same group dicts (torch.optim mutates them).
@@ -229,10 +229,24 @@ def value_parts(parts):
     return total
 
 
+def add_grad(fn, parts, everything):
+    """l2_penalty_ over `parts`, every grad checked before the first launch writes; the zero value
+    when there is nothing to read."""
+    if not parts:
+        return zero_value(everything)
+    check_grads(fn, parts)
+    with torch.no_grad():
+        return add_grad_parts(parts)
+
+
+def value_of(parts, everything):
+    """The (differentiable) value over `parts`; the zero value when there is nothing to read."""
+    return value_parts(parts) if parts else zero_value(everything)
+
+
 def zero_value(tensors):
     """The value of a call with nothing to read, typed and placed as the op's would be."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    return torch.zeros((), dtype=dtype, device=tensors[0].device if tensors else "cpu")
+    return torch.zeros((), dtype=_acc_dtype(tensors), device=tensors[0].device if tensors else "cpu")
 
 
 def sq_norm(tensors):
@@ -261,9 +275,7 @@ def l2_penalty(params, weight):
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
             pass  # groups, DTensors or bad input: the full path below says which
     pairs, everything = parse("l2_penalty", params, weight)
-    if not pairs:
-        return zero_value(everything)
-    return value_parts(plan("l2_penalty", pairs))
+    return value_of(plan("l2_penalty", pairs), everything)
 
 
 def l2_penalty_(params, weight):
@@ -290,12 +302,7 @@ def l2_penalty_(params, weight):
                 params[i].grad = grads[i]
             return value
     pairs, everything = parse("l2_penalty_", params, weight)
-    if not pairs:
-        return zero_value(everything)
-    parts = plan("l2_penalty_", pairs)
-    check_grads("l2_penalty_", parts)
-    with torch.no_grad():
-        return add_grad_parts(parts)
+    return add_grad("l2_penalty_", plan("l2_penalty_", pairs), everything)
 
 
 _l2_penalty_inplace = torch.ops.l2fast.l2_penalty_.default

@@ -100,7 +100,6 @@ class L2Penalty:
         self._parts = F.plan("L2Penalty", pairs)
         self._watch = tuple((g, g["params"], tuple(g["params"]), g.get("weight", _MISSING)) for g in groups)
         one = self._parts[0] if len(self._parts) == 1 and self._parts[0].mesh is None else None
-        self._fast = None if one is None else (one.params, one.weight, one.weights)
         self._direct = None if one is None else (  # _C._add_grad_'s arguments after param_groups
             self._watch, _MISSING, list(one.params), one.weight, None if one.weights is None else torch.tensor(one.weights, dtype=torch.float64),
             _C._validated())
@@ -131,24 +130,7 @@ class L2Penalty:
                 value = _add_grad_direct(self.param_groups, *self._direct)
                 if value is not None:
                     return value
-        fast = self._fast
-        if fast is not None:
-            params, weight, weights = fast
-            grads = [p.grad for p in params]
-            fresh = [i for i, g in enumerate(grads) if g is None]
-            if not fresh and weights is None:
-                return _inplace(params, grads, weight)
-            for i in fresh:
-                grads[i] = torch.empty_like(params[i])
-            value = F.run_inplace(params, grads, weight, fresh, weights)
-            for i in fresh:
-                params[i].grad = grads[i]
-            return value
-        if not self._parts:
-            return F.zero_value(self._everything)
-        F.check_grads("L2Penalty", self._parts)
-        with torch.no_grad():
-            return F.add_grad_parts(self._parts)
+        return F.add_grad("L2Penalty", self._parts, self._everything)
 
     def value(self):
         """The penalty's value (global over DTensor shards), detached; nothing is written."""
@@ -159,18 +141,12 @@ class L2Penalty:
         """The penalty as a differentiable term: `(loss + penalty()).backward()` adds its gradient."""
         if self._stale():
             self._build()
-        fast = self._fast
-        if fast is not None:
-            return F.run_value(*fast)
-        if not self._parts:
-            return F.zero_value(self._everything)
-        return F.value_parts(self._parts)
+        return F.value_of(self._parts, self._everything)
 
     def __repr__(self):
         sizes = ", ".join(f"{len(g['params'])} params × {g.get('weight', self._weight)}" for g in self.param_groups)
         return f"L2Penalty({sizes})"
 
 
-_inplace = torch.ops.l2fast.l2_penalty_.default._op
 _C = sys.modules[__package__ + "._C"]  # loaded by functional's import of ops
 _add_grad_direct = _C._add_grad_
