@@ -174,6 +174,7 @@ void add_segment(Plan& plan, const at::Tensor& p, const at::Tensor& g, bool is_f
     if (dense(g)) {
       plan.segments.push_back({at::Tensor(), g, GradMode::kZero, 0.0});
     } else {
+      plan.in_place = false;
       at::Tensor gc = at::empty(g.sizes(), g.options());
       plan.segments.push_back({at::Tensor(), gc, GradMode::kZero, 0.0});
       plan.writeback.emplace_back(g, gc);
@@ -183,7 +184,10 @@ void add_segment(Plan& plan, const at::Tensor& p, const at::Tensor& g, bool is_f
   const GradMode mode = is_fresh ? GradMode::kWrite : GradMode::kAccumulate;
   if (dense(p) && dense(g) && p.strides() == g.strides()) {
     plan.segments.push_back({p, g, mode, w});
-  } else if (g.is_contiguous()) {
+    return;
+  }
+  plan.in_place = false;
+  if (g.is_contiguous()) {
     plan.segments.push_back({p.contiguous(), g, mode, w});
   } else {
     // The grad's layout cannot be walked with p's: use a contiguous stand-in, copied back after.
@@ -265,6 +269,8 @@ at::Tensor empty_value(at::TensorList params, at::ScalarType dtype) {
 
 }  // namespace
 
+namespace {
+
 const char* layout_name(at::Layout layout) {
   switch (layout) {
     case at::kSparse: return "torch.sparse_coo";
@@ -277,6 +283,8 @@ const char* layout_name(at::Layout layout) {
     default: return "torch.strided";
   }
 }
+
+}  // namespace
 
 void check_layout(const char* op, const char* name, size_t i, const at::Tensor& t) {
   constexpr auto kNotDense =  // functionality bits only: a plain mask test
@@ -311,18 +319,37 @@ void Plan::finish() const {
   for (const auto& [user, standin] : writeback) user.copy_(standin);
 }
 
-at::Tensor l2_penalty_impl(at::TensorList params, double weight, Weights weights, RunKernel run) {
-  constexpr const char* op = "l2fast.l2_penalty";
+namespace {
+
+// The value ops (sq_norm, l2_penalty): nothing written.
+at::Tensor value_impl(const char* op, at::TensorList params, double weight, Weights weights, RunKernel run) {
   check_weights(op, weight, weights, params.size());
   Plan plan = checked_plan(op, params, nullptr, {}, weights);
   if (plan.segments.empty()) return empty_value(params, plan.acc_dtype());
   return run(plan, weight, nullptr, /*reduce=*/true);
 }
 
+// l2_penalty_; *in_place (when given) says whether the plan read and wrote the caller's tensors only.
+at::Tensor inplace_impl(at::TensorList params, at::TensorList grads, double weight, at::IntArrayRef fresh,
+                        Weights weights, RunKernel run, bool* in_place) {
+  constexpr const char* op = "l2fast.l2_penalty_";
+  check_weights(op, weight, weights, params.size());
+  Plan plan = checked_plan(op, params, &grads, fresh, weights);
+  if (in_place) *in_place = plan.in_place;
+  if (plan.segments.empty()) return empty_value(params, plan.acc_dtype());
+  at::Tensor value = run(plan, weight, nullptr, /*reduce=*/true);
+  plan.finish();
+  return value;
+}
+
+}  // namespace
+
+at::Tensor l2_penalty_impl(at::TensorList params, double weight, Weights weights, RunKernel run) {
+  return value_impl("l2fast.l2_penalty", params, weight, weights, run);
+}
+
 at::Tensor sq_norm_impl(at::TensorList tensors, RunKernel run) {
-  Plan plan = checked_plan("l2fast.sq_norm", tensors, nullptr, {}, std::nullopt);
-  if (plan.segments.empty()) return empty_value(tensors, plan.acc_dtype());
-  return run(plan, 1.0, nullptr, /*reduce=*/true);
+  return value_impl("l2fast.sq_norm", tensors, 1.0, std::nullopt, run);
 }
 
 std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::TensorList params, double weight,
@@ -350,13 +377,7 @@ std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::Ten
 
 at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, double weight,
                                    at::IntArrayRef fresh, Weights weights, RunKernel run) {
-  constexpr const char* op = "l2fast.l2_penalty_";
-  check_weights(op, weight, weights, params.size());
-  Plan plan = checked_plan(op, params, &grads, fresh, weights);
-  if (plan.segments.empty()) return empty_value(params, plan.acc_dtype());
-  at::Tensor value = run(plan, weight, nullptr, /*reduce=*/true);
-  plan.finish();
-  return value;
+  return inplace_impl(params, grads, weight, fresh, weights, run, nullptr);
 }
 
 namespace {
@@ -395,15 +416,6 @@ void key_of(std::vector<int64_t>& key, at::TensorList params, at::TensorList gra
   }
 }
 
-// A plan with no stand-ins: every pair read in place (p and g dense with the same strides).
-bool in_place(at::TensorList params, at::TensorList grads, Weights weights) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const bool read = params[i].numel() != 0 && (weights ? (*weights)[i] : 1.0) != 0.0;
-    if (read && !(dense(params[i]) && dense(grads[i]) && params[i].strides() == grads[i].strides())) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 at::Tensor l2_penalty_inplace_cached(Validated& seen, at::TensorList params, at::TensorList grads, double weight,
@@ -417,8 +429,9 @@ at::Tensor l2_penalty_inplace_cached(Validated& seen, at::TensorList params, at:
   key_of(key, params, grads, weight, weights);
   if (key != seen.key) {
     seen.key.clear();
-    at::Tensor value = l2_penalty_inplace_impl(params, grads, weight, fresh, weights, run);  // throws: no key
-    if (in_place(params, grads, weights)) seen.key.swap(key);
+    bool in_place = false;
+    at::Tensor value = inplace_impl(params, grads, weight, fresh, weights, run, &in_place);  // throws: no key
+    if (in_place) seen.key.swap(key);
     return value;
   }
   // The plan checked_plan made last time for the same tensors: read in place, every grad accumulated.

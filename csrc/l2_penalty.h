@@ -34,6 +34,7 @@ struct Plan {
   std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
   at::Device device = at::kCPU;
   bool any_double = false;  // accumulate in float64 when any input is float64
+  bool in_place = true;     // every segment reads and writes the caller's own tensors (no stand-in)
 
   at::ScalarType acc_dtype() const { return any_double ? at::kDouble : at::kFloat; }
   void finish() const;
