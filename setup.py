@@ -67,6 +67,36 @@ def _find_cuda_home():
     return str(Path(nvcc).resolve().parent.parent) if nvcc else None
 
 
+def _loaded_libstdcxx():
+    """The libstdc++ this interpreter has loaded (torch's, since torch is imported), on Linux; else None.
+
+    _C links against this very file. A compiler that brings its own static libstdc++ (some toolchain
+    images do) would otherwise put a second C++ runtime into _C: with Python's -Bsymbolic-functions,
+    _C's streams then use its own copy's uninitialised locale, and the first error message that
+    formats a number is cut short or crashes the process.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and "/libstdc++.so" in fields[5] and os.path.isfile(fields[5].strip()):
+                    return fields[5].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _static_libstdcxx_in(so):
+    """Whether the built extension defines libstdc++'s own symbols (a static copy); None without `nm`."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return None
+    import subprocess
+
+    done = subprocess.run([nm, "-D", "--defined-only", so], capture_output=True, text=True)
+    return done.returncode == 0 and "_ZNSt6locale7classicEv" in done.stdout
+
+
 def _load_cpu_check():
     # The import check uses the same file; load it by path: importing l2fast here would need its _C.
     spec = importlib.util.spec_from_file_location("_l2fast_cpu", ROOT / "l2fast" / "_cpu.py")
@@ -131,7 +161,12 @@ class BuildExtension(cpp_extension.BuildExtension):
         # and editable installs. Nothing is copied into the checkout otherwise: environments that
         # share it would overwrite each other's build (l2fast._extension finds the installed one).
         for ext in self.extensions:
-            Path(self.get_ext_fullpath(ext.name)).with_name("_build_info.py").write_text(text)
+            so = self.get_ext_fullpath(ext.name)
+            if _static_libstdcxx_in(so):
+                sys.exit(f"l2fast: the C++ compiler linked its own static libstdc++ into {so}, beside the one torch "
+                         "loads: error messages would be garbled or crash. Build with the compiler torch was built "
+                         "with, e.g. `CC=gcc CXX=g++ pip install --no-build-isolation .`")
+            Path(so).with_name("_build_info.py").write_text(text)
 
 
 setup(
@@ -144,7 +179,7 @@ setup(
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", *filter(None, [_loaded_libstdcxx()])],
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
