@@ -58,6 +58,7 @@ def _pip(python, *args, cwd):
 
 
 @pytest.mark.parametrize("layout", ["pth", "system-site-packages"])
+@pytest.mark.slow
 def test_pip_finds_torch_past_build_isolation(tmp_path, layout):
     # --dry-run stops after "Getting requirements to build wheel" and "Preparing metadata", which
     # run all of setup.py (torch's import included) in pip's isolated build environment.
@@ -67,6 +68,7 @@ def test_pip_finds_torch_past_build_isolation(tmp_path, layout):
     assert "Would install l2fast" in done.stdout
 
 
+@pytest.mark.slow
 def test_no_torch_anywhere_is_one_line_naming_no_build_isolation(tmp_path):
     python = _venv(tmp_path / "venv", "bare")
     done = _pip(python, "install", "--dry-run", "--no-deps", ".", cwd=_checkout(tmp_path / "checkout"))

@@ -81,6 +81,7 @@ def test_non_finite_weights_are_refused(tmp_path):
         checkpoint.load(_save(tmp_path / "model.pt", sd, [784, 64, 32, 10]))
 
 
+@pytest.mark.slow
 def test_huge_config_through_the_cli_is_exit_2_without_traceback(tmp_path):
     _save(tmp_path / "model.pt", MLP().state_dict(), [784, 2 ** 40, 10])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

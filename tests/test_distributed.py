@@ -83,6 +83,7 @@ def check_rounds(results):
             close(r["term_grads"][i], pg, f"rank {rank} param {i} differentiable")
 
 
+@pytest.mark.slow
 def test_fsdp2_two_ranks_uneven_and_empty_shards(tmp_path):
     results = spawn("fsdp2", 2, tmp_path)
     # Linear(3, 1)'s weight [1, 3] and bias [1] leave rank 1 with empty shards.
@@ -90,11 +91,13 @@ def test_fsdp2_two_ranks_uneven_and_empty_shards(tmp_path):
     check_rounds(results)
 
 
+@pytest.mark.slow
 def test_hsdp_2x2_mesh_and_a_second_mesh(tmp_path):
     results = spawn("hsdp", 4, tmp_path)
     check_rounds(results)
 
 
+@pytest.mark.slow
 def test_ddp_penalty_after_backward_needs_no_collective(tmp_path):
     results = spawn("ddp", 2, tmp_path)
     value, params, penalty_grads = reference()

@@ -171,6 +171,7 @@ def test_pt2_has_a_dynamic_batch(exported):
         assert ts(x).shape == (n, 10)
 
 
+@pytest.mark.slow
 def test_torchscript_loads_without_l2fast(exported, tmp_path):
     """torch.jit.load in a Python whose sys.path lacks the repo and where `import l2fast` fails."""
     x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
@@ -252,6 +253,7 @@ def test_round_trip_infer_without_torch(exported, sample, tmp_path):
 
 # ----------------------------------------------------------------------------- failures
 
+@pytest.mark.slow
 def test_failed_verification_leaves_no_artifacts(fixture_ckpt, tmp_path, monkeypatch, capsys):
     real = vf.backend_logits
 
@@ -283,6 +285,7 @@ def test_failed_verification_keeps_previous_export(fixture_ckpt, tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
+@pytest.mark.slow
 def test_checkpoint_whose_parity_cannot_hold_fails_the_cli(tmp_path):
     """Weights x300: logits near 1e8, where float32 summation order alone moves them far beyond 1e-4."""
     torch.manual_seed(0)
@@ -297,6 +300,7 @@ def test_checkpoint_whose_parity_cannot_hold_fails_the_cli(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.slow
 def test_successful_export_replaces_folder_and_keeps_readme(fixture_ckpt, tmp_path, capsys):
     out = tmp_path / "export"
     out.mkdir()
@@ -373,6 +377,7 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
         assert not out.exists(), what
 
 
+@pytest.mark.slow
 def test_bad_checkpoint_cli_exit_2_no_traceback(tmp_path):
     text = tmp_path / "model.pt"
     text.write_bytes(b"\x00garbage")
@@ -429,6 +434,7 @@ def test_out_that_is_a_file_or_under_one_is_a_one_line_error(fixture_ckpt, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "a user's file"
 
 
+@pytest.mark.slow
 def test_a_file_written_into_out_during_the_export_is_kept(fixture_ckpt, tmp_path, monkeypatch, capsys):
     out = tmp_path / "export"
     out.mkdir()
@@ -466,6 +472,7 @@ def test_out_symlink_is_followed_not_replaced(fixture_ckpt, tmp_path, capsys):
     assert not _leftovers(tmp_path, real.parent, real)
 
 
+@pytest.mark.slow
 def test_failed_export_into_a_new_nested_folder_leaves_nothing(fixture_ckpt, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(vf, "compare", lambda *a, **k: {"passed": False, "failures": ["forced failure"]})
     assert ex.cli([str(fixture_ckpt), "--out", str(tmp_path / "a" / "b" / "export"), "--limit", "20", "-q"]) == 1
@@ -486,6 +493,7 @@ def _wait_for(predicate, proc, timeout=180):
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_during_export_cleans_up_like_ctrl_c(fixture_ckpt, tmp_path):
     import signal
 
@@ -526,6 +534,7 @@ def _without_dac_override():
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
 
 
+@pytest.mark.slow
 def test_read_only_out_is_a_one_line_error(fixture_ckpt, tmp_path):
     prefix = _without_dac_override()
     ro = tmp_path / "ro"
@@ -596,6 +605,7 @@ def test_import_failures_are_not_taken_for_a_dynamo_failure(monkeypatch, tmp_pat
         exporters.export_onnx(MLP(), tmp_path / "model.onnx")
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_torch_dynamo_imports_is_one_line(fixture_ckpt, tmp_path):
     """A Ctrl-C landing in torch._dynamo's import (simulated by an import hook) exits 130, no traceback."""
     (tmp_path / "hook").mkdir()

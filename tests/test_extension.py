@@ -87,6 +87,7 @@ def _probe(cwd, pythonpath):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_checkout_loads_this_environments_installed_build(tmp_path, site_packages):
     # The checkout's l2fast/ holds another environment's build (what `pip install .` used to copy
     # there); this environment's `pip install .` put a fitting build in its site-packages.
@@ -103,6 +104,7 @@ def test_checkout_loads_this_environments_installed_build(tmp_path, site_package
 
 
 @pytest.mark.parametrize("newer", ["checkout", "installed"])
+@pytest.mark.slow
 def test_the_newer_of_two_fitting_builds_wins(tmp_path, site_packages, newer):
     # An in-place build in the checkout and an installed one, both for this torch: the newer one was
     # built from the current sources (e.g. a stale copy left in the checkout by an older setup.py).
@@ -117,6 +119,7 @@ def test_the_newer_of_two_fitting_builds_wins(tmp_path, site_packages, newer):
     assert Path(json.loads(done.stdout)["so"]).parent == new / "l2fast"
 
 
+@pytest.mark.slow
 def test_no_fitting_build_names_each_and_how_to_rebuild(tmp_path, site_packages):
     tree = _package(tmp_path / "checkout", _other_torch(BUILD_INFO)).parent
     site = _package(tmp_path / "site", _other_torch(BUILD_INFO)).parent
@@ -131,6 +134,7 @@ def test_no_fitting_build_names_each_and_how_to_rebuild(tmp_path, site_packages)
                          "pip install --no-build-isolation --force-reinstall --no-deps .")
 
 
+@pytest.mark.slow
 def test_build_info_without_a_build_for_this_python(tmp_path, site_packages):
     # e.g. the checkout was built in place by another Python version: its _C has another suffix.
     tree = _package(tmp_path / "checkout", BUILD_INFO, so=False).parent
@@ -140,6 +144,7 @@ def test_build_info_without_a_build_for_this_python(tmp_path, site_packages):
             in done.stderr)
 
 
+@pytest.mark.slow
 def test_not_built_at_all(tmp_path, site_packages):
     tree = _package(tmp_path / "checkout").parent
     done = _probe(tree, [site_packages])

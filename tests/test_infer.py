@@ -414,6 +414,7 @@ def test_model_without_manifest_uses_digit_labels(model_and_export, inputs, tmp_
 
 # ----------------------------------------------------------------------------- benchmark
 
+@pytest.mark.slow
 def test_bench_infer_smoke(onnx_path, tmp_path):
     r = subprocess.run([sys.executable, "-m", "l2fast.bench", "infer", "--model", str(onnx_path), "--iters", "30",
                         "--rounds", "2", "--reps", "2", "--batch", "64", "--json", str(tmp_path / "b.json")],
@@ -493,6 +494,7 @@ N_BIG = 200_000  # 157 MB of pixels: ~1 GB peak when read whole and converted to
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS read from /proc/self/status (Linux)")
+@pytest.mark.slow
 def test_large_gzip_idx_and_npy_stream_with_bounded_memory(onnx_path, sample, tmp_path):
     import gzip
 

@@ -138,6 +138,7 @@ class TestL2Penalty:
         params = [torch.randn(6, 2, device=device, requires_grad=True), torch.randn(3, device=device, requires_grad=True)]
         torch.library.opcheck(torch.ops.l2fast.l2_penalty.default, (params, 0.5))
 
+    @pytest.mark.slow
     def test_compile_fullgraph(self):
         model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))

@@ -21,6 +21,7 @@ def _report(folder):
     return json.loads((folder / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_quick_run_passes_and_reports(tmp_path):
     out = tmp_path / "report"
     # Where a GPU is present, keep this test short: the CUDA checks are the self-test's own business.

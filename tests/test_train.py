@@ -69,6 +69,7 @@ def step_losses(records, key="loss"):
 
 
 @needs_extension
+@pytest.mark.slow
 def test_one_epoch_end_to_end(tmp_path):
     done = cli(["l2fast.train", "--epochs", "1", "--log-every", "25", "--device", "cpu"], tmp_path)
     lines = done.stdout.splitlines()
@@ -107,6 +108,7 @@ def test_one_epoch_end_to_end(tmp_path):
 
 
 @needs_extension
+@pytest.mark.slow
 def test_penalty_modes_and_adamw_impls_give_the_same_losses(tmp_path):
     # Issue 12 item 7: the default (L2Penalty + torch's fused AdamW) follows the notebook's exact
     # construction (--adamw-impl default, the torch.cat penalty) to float tolerance, step by step.
@@ -216,6 +218,7 @@ def test_compile_on_cpu_matches_eager(tmp_path):
 
 
 @needs_extension
+@pytest.mark.slow
 def test_bench_train_runs_and_reports_consistent_numbers(tmp_path):
     done = cli(["l2fast.bench", "train", "--steps", "6", "--warmup", "2", "--rounds", "2", "--json", "b.json"],
                tmp_path)
@@ -273,6 +276,7 @@ def test_cuda_graphs_and_compile_match_the_plain_cuda_path(tmp_path):
 
 # ----------------------------------------------------------------------------- issue 9: run folders, bad options, divergence
 
+@pytest.mark.slow
 def test_non_empty_out_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -330,6 +334,7 @@ def test_concurrent_default_runs_get_distinct_folders(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.slow
 def test_interrupted_run_says_so(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=str(PKG_ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "l2fast.train", "--out", "run", "--epochs", "200", "--device", "cpu",
@@ -355,6 +360,7 @@ def test_interrupted_run_says_so(tmp_path, sig):
 
 
 @pytest.mark.parametrize("log_every", ["20", "1000"], ids=["at-a-log-line", "at-the-epoch-end"])
+@pytest.mark.slow
 def test_diverged_run_stops_with_exit_1_strict_json_and_no_checkpoint(tmp_path, log_every):
     done = cli(["l2fast.train", "--out", "run", "--l2-weight", "1e308", "--epochs", "2", "--log-every", log_every,
                 "--penalty", "reference", "--no-progress"], tmp_path, check=False)
@@ -396,6 +402,7 @@ def test_bad_values_are_one_line_errors_in_process(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "runs").exists()  # refused before any run folder was made
 
 
+@pytest.mark.slow
 def test_threads_beyond_the_machine_is_a_one_line_error(tmp_path):
     done = cli(["l2fast.train", "--threads", "100000", "--max-steps", "3"], tmp_path, check=False)
     assert_one_line_error(done, 2, "--threads 100000")
@@ -412,6 +419,7 @@ def test_read_only_out_is_a_one_line_error(tmp_path):
     assert_one_line_error(done, 2, "ro/run")
 
 
+@pytest.mark.slow
 def test_metrics_fifo_is_streamed_to_not_replaced(tmp_path):
     fifo = tmp_path / "metrics.fifo"
     os.mkfifo(fifo)

@@ -43,6 +43,7 @@ def single(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.slow
 def test_torchrun_follows_the_single_process_run_step_for_step(tmp_path, single, kind):
     done = run_python([*TORCHRUN, *ARGS, "--parallel", kind, "--out", "run"], cwd=tmp_path, check=True,
                       timeout=TIMEOUT)
@@ -75,6 +76,7 @@ def test_torchrun_follows_the_single_process_run_step_for_step(tmp_path, single,
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_split_over_the_ranks_is_one_error_line(tmp_path):
     done = run_python([*TORCHRUN, *ARGS, "--parallel", "ddp", "--batch-size", "63", "--out", "run"],
                       cwd=tmp_path, timeout=TIMEOUT)
@@ -86,6 +88,7 @@ def test_batch_that_does_not_split_over_the_ranks_is_one_error_line(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_an_error_on_rank_0_alone_stops_every_rank(tmp_path):
     """Only rank 0 creates the run folder: its refusal reaches rank 1 (no rank waits in a collective)."""
     (tmp_path / "run").mkdir()
@@ -98,12 +101,14 @@ def test_an_error_on_rank_0_alone_stops_every_rank(tmp_path):
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_parallel_without_torchrun_is_a_one_line_error(tmp_path):
     done = run_python(["-m", "l2fast.train", *ARGS, "--parallel", "fsdp"], cwd=tmp_path, timeout=TIMEOUT)
     assert_one_line_error(done, 2, "--parallel fsdp runs under torchrun", "RANK", "--nproc_per_node")
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_torchrun_without_parallel_is_refused(tmp_path):
     done = run_python([*TORCHRUN, *ARGS], cwd=tmp_path, timeout=TIMEOUT)
     assert done.returncode != 0
