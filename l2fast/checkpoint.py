@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_path, free_bytes
 from .contract import IMAGE_SHAPE, N_CLASSES
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .model import MLP
 
 CHECKPOINT_FILE = "model.pt"
@@ -40,7 +40,8 @@ def versions():
 
 
 def save(path, model, train_config, dataset):
-    """Write `model` (an l2fast MLP) as a checkpoint at `path`, atomically."""
+    """Write `model` (an l2fast MLP) as a checkpoint at `path`, atomically; OutputError naming `path`
+    when it cannot be written (nothing is left behind then)."""
     checkpoint = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_config": model.config(),
@@ -48,8 +49,13 @@ def save(path, model, train_config, dataset):
         "dataset": dict(dataset),
         "versions": versions(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+    except RuntimeError as e:  # torch.save's writer reports a failed write (a full disk) this way
+        reason = " ".join(str(e).split())[:300]
+        raise OutputError(f"{path}: cannot write the checkpoint (torch.save: {reason}; "
+                          f"{free_bytes(path):,} bytes free there)") from None
 
 
 def resolve(path):

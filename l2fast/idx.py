@@ -5,8 +5,9 @@ dimension, then the values, big-endian, row-major.
 
 Reading is bounded: the header's dtype and item shape are checked against what the caller expects,
 its claimed size against the file's real size (or, for gzip, against the most deflate can inflate
-that many bytes to) and the caller's item limit, all before anything is allocated, and a gzip file is inflated piece by piece into an array of exactly the
-claimed size, so a gzip bomb costs no more memory than its header admits.
+that many bytes to) and the caller's item limit, all before anything is allocated; a gzip file is
+inflated piece by piece into an array of exactly the claimed size, so a gzip bomb costs no more
+memory than its header admits.
 """
 import gzip
 import io

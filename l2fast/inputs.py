@@ -287,8 +287,8 @@ def load_image(path, background="auto", fit="auto"):
     if not mask.any():
         warnings.warn(f"{path}: no digit found (no pixel above {FIT_THRESHOLD} after polarity); the prediction "
                       f"is a guess", FitWarning, stacklevel=2)
-    elif np.count_nonzero(mask) > mask.size / 2:
-        warnings.warn(f"{path}: {np.count_nonzero(mask) / mask.size:.0%} of the image is foreground after polarity (MNIST digits cover "
+    elif mask.mean() > 0.5:
+        warnings.warn(f"{path}: {mask.mean():.0%} of the image is foreground after polarity (MNIST digits cover "
                       f"about 20%): wrong --background?", FitWarning, stacklevel=2)
     if fit == "auto":
         fit = "none" if gray.shape == (IMAGE_SIZE, IMAGE_SIZE) else "mnist"
