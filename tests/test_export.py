@@ -358,6 +358,13 @@ def _bad_checkpoints(tmp_path):
     torch.save({"state_dict": MLP().state_dict(), "model_config": {"layer_sizes": [784, 64, 32, 10]},
                 "extra": Path("somewhere")}, pickled)
     cases["unsafe pickle"] = (pickled, "weights_only")
+    sparse = MLP().state_dict()
+    sparse["layers.1.weight"] = sparse["layers.1.weight"].to_sparse()  # a load_state_dict traceback (issue 18)
+    torch.save({"state_dict": sparse, "model_config": {"layer_sizes": [784, 64, 32, 10]}}, tmp_path / "sparse.pt")
+    cases["a sparse weight"] = (tmp_path / "sparse.pt", "layers.1.weight is a torch.sparse_coo tensor")
+    # failed after the whole verification, writing the manifest (issue 18)
+    save_checkpoint(tmp_path / "nan-config" / "model.pt", MLP(), train_config={"lr": float("nan")})
+    cases["NaN in train_config"] = (tmp_path / "nan-config", "train_config['lr'] is nan")
     return cases
 
 
