@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from ._io import _umask, check_creatable, signals_held
+from ._io import _umask, signals_held
 from .contract import ARTIFACTS, MANIFEST_FILE
 from .errors import OutputError
 
@@ -74,7 +74,13 @@ def check_out(out):
         if bad:
             raise _refuse(given, bad)
     else:
-        check_creatable(target, f"output folder {given}", folder=True)
+        parent = target.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise OutputError(f"output folder {given}: {parent} is {_describe(parent)}, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"output folder {given}: cannot be created, {parent} is not writable (read-only)")
     return target
 
 

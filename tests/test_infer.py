@@ -435,6 +435,18 @@ def test_bench_infer_smoke(onnx_path, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not found" in r.stderr
 
 
+def test_bench_infer_refuses_a_batch_it_cannot_run_up_front(tmp_path):
+    """--batch 3000000 peaked at 13.7 GB, then failed in torch.export's guard (batch <= 2**20)."""
+    from l2fast.bench.infer import MAX_BATCH
+
+    for batch in (3_000_000, MAX_BATCH + 1):
+        r = subprocess.run([sys.executable, "-m", "l2fast.bench", "infer", "--model", str(tmp_path / "nope.onnx"),
+                            "--batch", str(batch)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PKG_ROOT)},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: --batch {batch}: expected 1..{MAX_BATCH:,}"), r.stderr
+
+
 # ----------------------------------------------------------------------------- issue 8: the Predictor
 
 def test_predictor_takes_one_image_without_a_batch_axis(onnx_path, sample):

@@ -608,3 +608,31 @@ def test_torchrun_rank_killed_leaves_a_failed_record(tmp_path):
     assert summary["completed_epochs"] >= 1 and summary["checkpoint"] is None
     assert "\n" not in summary["reason"] and summary["reason"], summary
     assert not re.search(r'File "[^"]*/l2fast/[^"]*\.py"', err), err[-3000:]  # no traceback through l2fast
+
+
+# ----------------------------------------------------------------------------- issue 18: benchmarks that cannot work
+
+def test_bench_penalty_spreads_any_size_over_any_number_of_tensors():
+    """--sizes 1M --tensors 100000 was a `negative dimension` traceback."""
+    from l2fast.bench.penalty import make_params
+
+    for size, n in ((1_000_000, 100_000), (1_000, 1_000), (1_000, 7), (10, 3)):
+        params = make_params(size, "cpu", n)
+        counts = [p.numel() for p in params]
+        assert len(counts) == n and sum(counts) == size and min(counts) >= 1, (size, n)
+        assert len(set(counts)) > 1 or n == size  # still log-uniformly varying sizes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "mlp,1M", "--tensors", "1000001"], "--tensors 1000001: more tensors than the 1,000,000 values"),
+    (["--sizes", "1B", "--device", "cpu"], "--sizes 1B: about"),
+])
+def test_bench_penalty_refuses_what_cannot_work_up_front(tmp_path, args, message):
+    if "1B" in args and _available_memory() > 40e9:
+        pytest.skip("this machine has the memory for 1B values")
+    assert_one_line_error(cli(["l2fast.bench", "penalty", *args], tmp_path, check=False), 2, message)
+
+
+def _available_memory():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
