@@ -636,3 +636,30 @@ def test_bench_penalty_refuses_what_cannot_work_up_front(tmp_path, args, message
 def _available_memory():
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, prefix", [
+    (["l2fast.bench", "train", "--steps", "100000"], "l2fast-bench-"),
+    (["l2fast.bench", "infer", "--iters", "100000"], "l2fast-bench-infer-"),
+    (["l2fast.selftest", "--quick", "--device", "cpu"], "l2fast-selftest-work-"),
+], ids=["bench-train", "bench-infer", "selftest"])
+def test_sigterm_leaves_no_temporary_folder_behind(tmp_path, command, prefix):
+    """`timeout -s TERM` left /tmp/l2fast-bench-* (47 MB) and /tmp/l2fast-selftest-work-* behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(PKG_ROOT), TMPDIR=str(scratch))
+    proc = subprocess.Popen([sys.executable, "-m", *command], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(scratch.glob(prefix + "*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(scratch.glob(prefix + "*")), "the temporary folder never appeared"
+        time.sleep(2)  # well inside the work
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert not list(scratch.glob(prefix + "*")), sorted(p.name for p in scratch.iterdir())

@@ -288,7 +288,7 @@ def run(args):
     import onnxruntime as ort
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="l2fast-bench-infer-") as tmp:
+    with _cli.sigterm_raises(), tempfile.TemporaryDirectory(prefix="l2fast-bench-infer-") as tmp:  # SIGTERM: as Ctrl-C
         folder, onnx_path, eager, what = prepare(args, tmp)
         calls = make_backends(folder, onnx_path, eager, args.latency_threads, args.throughput_threads,
                               args.batch, include_pt2=not args.no_pt2)
