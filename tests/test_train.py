@@ -426,7 +426,7 @@ def test_metrics_fifo_is_streamed_to_not_replaced(tmp_path):
     assert [(r["epoch"], r.get("step")) for r in records] == [(1, 50), (1, 100), (1, None), (2, None)]
 
 
-# ----------------------------------------------------------------------------- issue 18: the run record when writing fails
+# ----------------------------------------------------------------------------- issue 18: the run record when a write fails
 
 def summary_of(run):
     return strict_json((run / "summary.json").read_text())
