@@ -113,10 +113,7 @@ def atomic_path(path):
 
 def write_error(path, e):
     """The OutputError for an OSError met while writing `path`: the path and the reason, one line."""
-    if isinstance(e, BrokenPipeError):
-        why = "its reader went away (broken pipe)"
-    else:
-        why = e.strerror or str(e)
+    why = "its reader went away, broken pipe" if isinstance(e, BrokenPipeError) else e.strerror or str(e)
     return OutputError(f"{path}: cannot write it ({why})")
 
 

@@ -624,7 +624,9 @@ def test_bench_penalty_spreads_any_size_over_any_number_of_tensors():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sizes", "mlp,1M", "--tensors", "1000001"], "--tensors 1000001: more tensors than the 1,000,000 values"),
+    (["--sizes", "mlp,1M", "--tensors", "1000001", "--no-compile"],
+     "--tensors 1000001: more tensors than the 1,000,000 values"),
+    (["--sizes", "1M", "--tensors", "100000"], "--tensors 100000: torch.compile's build"),
     (["--sizes", "1B", "--device", "cpu"], "--sizes 1B: about"),
 ])
 def test_bench_penalty_refuses_what_cannot_work_up_front(tmp_path, args, message):

@@ -26,6 +26,7 @@ WEIGHT = 1e-4
 # (12), the seed's torch.cat and its square (8), less what is freed between methods; measured: 22
 # (peak RSS over the MLP-size run's, --sizes 10M --no-compile, CPU).
 BYTES_PER_VALUE = 24
+MAX_COMPILED_TENSORS = 1_000  # with the torch.compile baseline: --sizes 1M --tensors 1000 took 270 s, 100,000 hours
 SIZES = {"mlp": None, "1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000,
          "100M": 100_000_000, "1B": 1_000_000_000}
 
@@ -121,6 +122,10 @@ def check_args(args):
         raise UsageError(f"--sizes: unknown size {unknown[0]!r}; expected some of {','.join(SIZES)}")
     if args.tensors < 1:
         raise UsageError(f"--tensors {args.tensors}: expected at least 1 tensor")
+    if args.tensors > MAX_COMPILED_TENSORS and not args.no_compile:
+        raise UsageError(f"--tensors {args.tensors}: torch.compile's build of the `compiled` baseline grows faster than "
+                         f"the tensor count (4.5 min at {MAX_COMPILED_TENSORS:,} on a 2-core CPU); add --no-compile "
+                         f"above {MAX_COMPILED_TENSORS:,}")
     smallest = min((SIZES[s] for s in sizes if SIZES[s] is not None), default=None)
     if smallest is not None and args.tensors > smallest:
         raise UsageError(f"--tensors {args.tensors}: more tensors than the {smallest:,} values of --sizes "
