@@ -492,6 +492,26 @@ def test_checkpoint_that_cannot_be_written_fails_the_run_on_the_record(tmp_path)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "summary.json"]
 
 
+FAIL_LOSS_PNG = """
+import errno, sys
+from matplotlib.figure import Figure
+def full_disk(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+Figure.savefig = full_disk
+from l2fast.train import cli
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_a_failure_after_the_checkpoint_keeps_it_on_the_record(tmp_path):
+    done = run_python(["-c", FAIL_LOSS_PNG, "--out", "run", "--max-steps", "20", "--penalty", "reference",
+                       "--no-progress"], cwd=tmp_path, timeout=300)
+    assert_one_line_error(done, 2, "run/loss.png: cannot write it (No space left on device)")
+    summary = summary_of(tmp_path / "run")
+    assert summary["status"] == "failed" and summary["checkpoint"] == "model.pt", summary
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "model.pt", "summary.json"]
+
+
 @contextlib.contextmanager
 def small_filesystem(path, size):
     """A tmpfs of `size` mounted at `path` (root only; skipped where mounting is not allowed)."""
