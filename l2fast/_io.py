@@ -9,8 +9,10 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import OutputError
@@ -63,10 +65,14 @@ def _write_stream(path, data):
 
 def atomic_write_bytes(path, data):
     """Write `data` to `path`: a regular file is replaced atomically (temp file + rename), a
-    symlink's target is written, a device or FIFO is streamed to, anything else refused."""
+    symlink's target is written, a device or FIFO is streamed to, anything else refused.
+    OutputError naming `path` when it cannot be written."""
     real, stream = resolve_target(path)
     if stream:
-        _write_stream(real, data)
+        try:
+            _write_stream(real, data)
+        except OSError as e:
+            raise write_error(path, e) from None
         return
     with atomic_path(real) as tmp:
         tmp.write_bytes(data)
@@ -79,13 +85,15 @@ def atomic_write_text(path, text):
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary file path beside `path` for a library that wants a filename (torch.save,
-    matplotlib); on success it becomes `path` by the rules of atomic_write_bytes, else it is removed."""
+    matplotlib); on success it becomes `path` by the rules of atomic_write_bytes, else it is removed.
+    An OSError on the way (a full disk, a stream whose reader left) is an OutputError naming `path`."""
     real, stream = resolve_target(path)
-    real.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=None if stream else real.parent, prefix=f".{real.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=None if stream else real.parent, prefix=f".{real.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         if stream:
             _write_stream(real, tmp.read_bytes())
@@ -93,12 +101,81 @@ def atomic_path(path):
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary permissions
             resolve_target(real)  # re-checked just before the rename: still a regular file or absent
             os.replace(tmp, real)
+    except OSError as e:
+        raise write_error(path, e) from None
     finally:
-        if tmp.is_dir():
+        if tmp is not None and tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        elif tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def write_error(path, e):
+    """The OutputError for an OSError met while writing `path`: the path and the reason, one line."""
+    why = "its reader went away, broken pipe" if isinstance(e, BrokenPipeError) else e.strerror or str(e)
+    return OutputError(f"{path}: cannot write it ({why})")
+
+
+def rewrite_in_place(path, data):
+    """Overwrite the existing regular file `path` with `data` through its own blocks, without a
+    temporary file: the last resort for a small record on a full disk, where a new file gets no
+    space but the file's own blocks are still there. Not atomic; OutputError when it fails."""
+    try:
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise write_error(path, e) from None
+
+
+def nearest_existing(path):
+    """`path` itself, or its nearest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_creatable(path, what, folder=False):
+    """OutputError (worded with `what`, e.g. "--out run") unless `path` can be written: an existing
+    folder (folder=True) must be writable; anything else is created in its nearest existing
+    ancestor, which must be a writable folder."""
+    path = Path(os.path.abspath(path))
+    if folder and path.is_dir():
+        where = path
+    else:
+        where = nearest_existing(path.parent)
+        if folder and os.path.lexists(path):
+            raise OutputError(f"{what}: exists and is not a folder")
+        if not where.is_dir():
+            raise OutputError(f"{what}: a parent of it is a file, not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        why = "not writable" if where == path else f"cannot be created, {where} is not writable"
+        raise OutputError(f"{what}: {why} (read-only)")
+
+
+def free_bytes(path):
+    """Bytes free to this user on the filesystem that holds `path` (or would hold it)."""
+    st = os.statvfs(nearest_existing(path))
+    return st.f_bavail * st.f_frsize
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block is done (delivered right after it): for the few writes
+    that must not be cut in half. Main thread only (elsewhere signals do not reach Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def create_run_folder(path, overwrite=False):

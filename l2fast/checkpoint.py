@@ -7,19 +7,22 @@ A checkpoint is a dict saved with torch.save:
   dataset       {"name": ..., "data_dir": ...}: what the model was trained and tested on
   versions      l2fast, torch, numpy, python
 """
+import math
 import platform
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from ._io import atomic_path
+from ._io import atomic_path, free_bytes
 from .contract import IMAGE_SHAPE, N_CLASSES
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 from .model import MLP
 
 CHECKPOINT_FILE = "model.pt"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the MLP can load and check
 _EXPECTED = ("expected an l2fast checkpoint: a dict with state_dict and model_config, as written by "
              "python -m l2fast.train")
 
@@ -40,7 +43,8 @@ def versions():
 
 
 def save(path, model, train_config, dataset):
-    """Write `model` (an l2fast MLP) as a checkpoint at `path`, atomically."""
+    """Write `model` (an l2fast MLP) as a checkpoint at `path`, atomically; OutputError naming `path`
+    when it cannot be written (nothing is left behind then)."""
     checkpoint = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_config": model.config(),
@@ -48,8 +52,13 @@ def save(path, model, train_config, dataset):
         "dataset": dict(dataset),
         "versions": versions(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+    except RuntimeError as e:  # torch.save's writer reports a failed write (a full disk) this way
+        reason = " ".join(str(e).split())[:300]
+        raise OutputError(f"{path}: cannot write the checkpoint (torch.save: {reason}; "
+                          f"{free_bytes(path):,} bytes free there)") from None
 
 
 def resolve(path):
@@ -80,7 +89,9 @@ def load(path):
                               f"starts with {head!r}); {_EXPECTED}")
     try:
         # TorchVersion is a str subclass that a checkpoint's "versions" may hold; nothing else is allowed.
-        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]), warnings.catch_warnings():
+            # torch says it validates a sparse tensor's indices (it still does; the tensor is refused below)
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip, weights_only refusals: all mean "not ours"
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
@@ -89,8 +100,32 @@ def load(path):
             or not isinstance(ckpt.get("model_config"), dict):
         what = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:8]}"
         raise CheckpointError(f"{path}: not an l2fast checkpoint (found {what}); {_EXPECTED}")
+    for key in ("model_config", "train_config", "dataset"):  # export's manifest holds them: strict JSON
+        bad = _not_json(ckpt.get(key), key)
+        if bad:
+            raise CheckpointError(f"{path}: its {bad}; expected plain JSON values (finite numbers, strings, lists, "
+                                  f"dicts), as python -m l2fast.train writes them")
     model = _build(path, ckpt["model_config"], ckpt["state_dict"])
     return Checkpoint(model, ckpt, path)
+
+
+def _not_json(value, where):
+    """Where `value` holds what strict JSON cannot (`train_config['lr'] is nan`), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} is {value}"
+    if value is None or isinstance(value, (str, int)):
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not (k is None or isinstance(k, (str, int, float))):
+                return f"{where} has a {type(k).__name__} key"
+            bad = _not_json(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((bad for i, v in enumerate(value) if (bad := _not_json(v, f"{where}[{i}]"))), None)
+    return f"{where} is a {type(value).__name__}"
 
 
 def _build(path, config, state_dict):
@@ -145,9 +180,14 @@ def _shape_problems(expected, state_dict):
         v = state_dict.get(k)
         if v is None:
             continue
-        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
-            what = f"{v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
-            problems.append(f"{k} is a {what}, expected floating point")
+        if not isinstance(v, torch.Tensor):
+            problems.append(f"{k} is a {type(v).__name__}, expected a tensor")
+        elif v.layout != torch.strided:
+            problems.append(f"{k} is a {v.layout} tensor, expected a dense one")
+        elif v.device.type != "cpu":  # weights_only loads onto the CPU: only a meta tensor stays off it
+            problems.append(f"{k} is on the {v.device.type} device (no values), expected a tensor holding weights")
+        elif v.dtype not in _FLOAT_DTYPES:
+            problems.append(f"{k} is a {v.dtype} tensor, expected float16, bfloat16, float32 or float64")
         elif tuple(v.shape) != shape:
             problems.append(f"{k} has shape {list(v.shape)}, expected {list(shape)}")
     return problems

@@ -7,8 +7,9 @@ sample bundled with l2fast. numpy only; torchvision is imported by `download` al
     <data_dir>/MNIST/raw/t10k-labels-idx1-ubyte[.gz]     uint8 [10000]
 
 (`FashionMNIST/raw/...` for fashion-mnist). Every file is checked: a malformed one raises
-DataError with a one-line message that names it. A header claiming more examples than the dataset
-has (MAX_EXAMPLES) is refused before anything is inflated or allocated.
+DataError with a one-line message that names it. A header claiming another dtype or image shape
+than MNIST's, or more examples than the dataset has (MAX_EXAMPLES), is refused before anything is
+inflated or allocated.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,11 +70,9 @@ def _read(folder, stem, ndim_shape, what, max_items):
     path = _find(folder, stem)
     if path is None:
         raise DataError(f"{folder / stem}[.gz]: file not found (expected the {what})")
-    array = read_idx(path, max_items=max_items)
-    if array.dtype != np.uint8 or array.ndim != len(ndim_shape) or array.shape[1:] != ndim_shape[1:]:
-        expected = " x ".join("N" if d is None else str(d) for d in ndim_shape)
-        raise DataError(f"{path}: expected {what} as uint8 [{expected}], got {array.dtype} "
-                        f"{list(array.shape)}")
+    expected = " x ".join("N" if d is None else str(d) for d in ndim_shape)
+    array = read_idx(path, max_items=max_items, item_shape=ndim_shape[1:], dtype=np.uint8,
+                     expected=f"{what} as uint8 [{expected}]")
     return path, array
 
 

@@ -3,13 +3,15 @@
 Layout: 2 zero bytes, a dtype code, the number of dimensions, one big-endian uint32 per
 dimension, then the values, big-endian, row-major.
 
-Reading is bounded: the header's claimed size is checked against the file's real size (or, for
-gzip, against the most deflate can inflate that many bytes to) and the caller's item limit before
-anything is allocated, and a gzip file is inflated piece by piece into an array of exactly the
-claimed size, so a gzip bomb costs no more memory than its header admits.
+Reading is bounded: the header's dtype and item shape are checked against what the caller expects,
+its claimed size against the file's real size (or, for gzip, against the most deflate can inflate
+that many bytes to) and the caller's item limit, all before anything is allocated; a gzip file is
+inflated piece by piece into an array of exactly the claimed size, so a gzip bomb costs no more
+memory than its header admits.
 """
 import gzip
 import io
+import math
 import os
 import zlib
 from pathlib import Path
@@ -24,6 +26,7 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(
 _CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
 DEFLATE_MAX_RATIO = 1032  # deflate's limit: one compressed byte never inflates to more than ~1032
 _CHUNK = 1 << 22
+MAX_NDIM = 32  # numpy's arrays have at most 64 dimensions; no IDX file in use has more than 4
 
 
 class IDXError(DataError):
@@ -35,9 +38,12 @@ class IDXReader:
     items along the first axis. `max_items` bounds the first dimension the header may claim.
 
     `source` is a path (a `.gz` name is inflated) or a binary file object (then give `name`).
+    `item_shape` and `dtype`, when given, are what each item must be: a header that says otherwise
+    is refused (naming `expected`, the caller's words for it) before any data is read.
     """
 
-    def __init__(self, source, max_items=None, name=None, compressed=None):
+    def __init__(self, source, max_items=None, name=None, compressed=None, item_shape=None, dtype=None,
+                 expected=None):
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             self.name = name or str(path)
@@ -55,12 +61,12 @@ class IDXReader:
         self._raw.seek(0)
         self._f = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
         try:
-            self._read_header(max_items)
+            self._read_header(max_items, item_shape, dtype, expected)
         except BaseException:
             self.close()
             raise
 
-    def _read_header(self, max_items):
+    def _read_header(self, max_items, item_shape, dtype, expected):
         head = self._read(4)
         if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _DTYPES:
             raise IDXError(f"{self.name}: not an IDX file (expected magic bytes 00 00 <dtype code> <ndim>, "
@@ -71,7 +77,15 @@ class IDXReader:
             raise IDXError(f"{self.name}: IDX header truncated or without dimensions")
         self.header_bytes = 4 + 4 * ndim
         self.shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
-        self.item_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        # Every claim of the header is checked before anything is allocated: the layout first, then
+        # the sizes (Python ints: no product overflows), then the size against the file's.
+        layout = f"{self.dtype.name} {list(self.shape) if ndim <= 8 else f'with {ndim} dimensions'}"
+        wrong_shape = item_shape is not None and self.shape[1:] != tuple(item_shape)
+        if wrong_shape or (dtype is not None and self.dtype != np.dtype(dtype)):
+            raise IDXError(f"{self.name}: header says {layout}; expected {expected or 'another shape'}")
+        if ndim > MAX_NDIM:
+            raise IDXError(f"{self.name}: header says {layout}; expected at most {MAX_NDIM} dimensions")
+        self.item_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
         self.nbytes = self.shape[0] * self.item_bytes
         total = self.header_bytes + self.nbytes
         if max_items is not None and self.shape[0] > max_items:
@@ -128,10 +142,11 @@ class IDXReader:
         self.close()
 
 
-def read_idx(path, max_items=None):
-    """The array stored in an IDX file (`.gz` is inflated); IDXError when malformed, or when the
-    header claims more than `max_items` items or more bytes than the file can hold."""
-    with IDXReader(path, max_items=max_items) as reader:
+def read_idx(path, max_items=None, item_shape=None, dtype=None, expected=None):
+    """The array stored in an IDX file (`.gz` is inflated); IDXError when malformed, when the header
+    claims more than `max_items` items or more bytes than the file can hold, or (when given) items
+    of another shape than `item_shape` or another dtype than `dtype` (`expected` says what was wanted)."""
+    with IDXReader(path, max_items=max_items, item_shape=item_shape, dtype=dtype, expected=expected) as reader:
         array = reader.read()
         reader.check_end()
     return array

@@ -6,8 +6,11 @@ chunk after their headers were checked against the file's real size (a gzipped I
 incrementally). `images` is uint8 [n,28,28] (0..255) or float32 [n,1,28,28] (0..1), white digit on
 black, what `l2fast.contract.to_model_input` takes. Problems raise InputError naming the file; a
 problem found while reading (a cut gzip stream) is raised after the chunks before it were yielded.
+Only regular files are read (symlinks followed): a FIFO, a device or a folder is refused at once,
+never waited on.
 
-Image files (PNG, JPEG, TIFF, anything Pillow decodes), `load_image`:
+Image files (PNG, JPEG, TIFF, anything Pillow decodes), `load_image`; an image of more than
+MAX_IMAGE_PIXELS pixels is refused from its header, before anything is decoded:
   1. grayscale at the image's real bit depth: 8-bit as is; 16-bit (PNG, TIFF) divided by 65535; a
      32-bit integer image by the depth its values use (8, 16 or 32 bits); a float image in [0, 1]
      times 255 (0..255 taken as is). Transparency is composited onto black when the opaque pixels
@@ -24,8 +27,11 @@ Image files (PNG, JPEG, TIFF, anything Pillow decodes), `load_image`:
 Arrays (.npy [N,28,28]/[N,1,28,28]/[28,28], uint8 or float in [0,1]; IDX uint8 [N,28,28]) are taken
 as MNIST-like; `background` applies per image the same way.
 """
+import contextlib
 import gzip
+import math
 import os
+import stat
 import warnings
 import zlib
 from pathlib import Path
@@ -41,12 +47,20 @@ FIT_THRESHOLD = 64  # pixels above this (after polarity) belong to the digit; 64
 BACKGROUNDS = ("auto", "black", "white")
 FITS = ("auto", "mnist", "stretch", "none")
 DEFAULT_BATCH = 1024
+# The most pixels an image file may have (an 8000x6000 photo fits): checked from its header before
+# decoding, since Pillow alone would decode up to 179 Mpx. Decoding, Pillow's image included, peaks
+# at about 7 bytes a pixel for 8-bit images and 12 for 32-bit or float ones (measured at 16 Mpx),
+# so at most about 0.6 GB.
+MAX_IMAGE_PIXELS = 50_000_000
+_CONVERT_PIXELS = 1 << 18
 _PIXELS = IMAGE_SIZE * IMAGE_SIZE
 _NPY_MAGIC = b"\x93NUMPY"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = b"PK\x03\x04"
 _EXPECTED_ARRAY = "[N,28,28] or [N,1,28,28] images (or one [28,28]), uint8 0..255 or float 0..1"
 _EXPECTED_IDX = "expected an IDX image file, uint8 [N,28,28]"
+_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 class FitWarning(UserWarning):
@@ -56,6 +70,28 @@ class FitWarning(UserWarning):
 class Batch(NamedTuple):
     images: np.ndarray  # uint8 [n,28,28] or float32 [n,1,28,28] in [0,1], white digit on black
     start: Optional[int]  # index of images[0] within the input; None for an image file (one image)
+
+
+# ------------------------------------------------------------------------------------ files
+
+def open_regular(path):
+    """`path` opened for binary reading; InputError for what is not a regular file (symlinks are
+    followed). Opened without blocking and checked on the open descriptor: open() alone would wait
+    forever on a FIFO that nobody writes to."""
+    name = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{name}: cannot read it ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise InputError(f"{name}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}; expected a regular "
+                         f"file (an image, a .npy array or an IDX file)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 # ------------------------------------------------------------------------------------ polarity
@@ -83,67 +119,121 @@ def apply_background(images, background):
 
 
 def _gray_needs_invert(gray):
-    g = gray.astype(np.float64)
-    border = np.concatenate([g[0, :], g[-1, :], g[1:-1, 0], g[1:-1, -1]]) if min(g.shape) > 1 else g.ravel()
-    return float(border.mean()) > 127.5, float(border.mean())
+    h, w = gray.shape
+    if min(h, w) > 1:  # the 1-pixel border alone: converting the whole image would cost 8 bytes a pixel
+        border = np.concatenate([gray[0, :], gray[-1, :], gray[1:-1, 0], gray[1:-1, -1]])
+    else:
+        border = gray.ravel()
+    mean = float(border.mean(dtype=np.float64))
+    return mean > 127.5, mean
 
 
 # ------------------------------------------------------------------------------------ image files
 
-def _to_gray(im, path):
-    """A decoded Pillow image -> uint8 [H,W] grayscale, by its real bit depth and with transparency kept."""
-    from PIL import Image
+def _row_blocks(shape):
+    """Slices of rows of about _CONVERT_PIXELS pixels: per-pixel float math runs one block at a time,
+    so its temporaries stay a few MB whatever the image's size."""
+    step = max(1, _CONVERT_PIXELS // max(1, shape[1]))
+    return [slice(r, r + step) for r in range(0, shape[0], step)]
 
+
+def _to_uint8(values, convert):
+    """uint8 image of values' shape: convert(float64 block) for each block of rows."""
+    out = np.empty(values.shape, np.uint8)
+    for rows in _row_blocks(values.shape):
+        out[rows] = convert(values[rows].astype(np.float64))
+    return out
+
+
+def _scale(values, bits):
+    top = 2 ** bits - 1
+    return _to_uint8(values, lambda v: np.rint(np.clip(v, 0, top) * (255.0 / top)))
+
+
+def _composite(im):
+    """An image with transparency -> uint8 grayscale: its ink (what is opaque) on the background it
+    contrasts with, so that the digit stays visible. Two 1-byte planes besides Pillow's own image."""
+    rgba = im if im.mode == "RGBA" else im.convert("RGBA")
+    lum = np.asarray(rgba.convert("L"))  # ITU-R 601-2 luma of the colour, alpha left out
+    alpha = np.asarray(rgba.getchannel("A"))
+    del rgba
+    ink_sum = sum(float(np.dot(lum[rows].ravel().astype(np.float64), alpha[rows].ravel().astype(np.float64)))
+                  for rows in _row_blocks(lum.shape))
+    opacity = int(alpha.sum(dtype=np.uint64))
+    ink = ink_sum / opacity if opacity else 0.0  # mean luma of the ink, weighted by opacity
+    background = 0.0 if ink > 127.5 else 255.0
+    out = np.empty(lum.shape, np.uint8)
+    for rows in _row_blocks(lum.shape):
+        a = alpha[rows] / 255.0
+        out[rows] = np.rint(lum[rows] * a + background * (1.0 - a))
+    return out
+
+
+def _to_gray(im, path):
+    """A decoded Pillow image -> uint8 [H,W] grayscale, by its real bit depth and with transparency
+    kept. Besides Pillow's image, it costs one copy of the pixels in their own type and a 1-byte
+    result: float math runs a block of rows at a time."""
     mode = im.mode
     if mode.startswith("I;16"):
-        return _scale(np.asarray(im).astype(np.float64), 16)
+        return _scale(np.asarray(im), 16)
     if mode == "I":
-        values = np.asarray(im).astype(np.int64)
+        values = np.asarray(im)
         bps = getattr(im, "tag_v2", {}).get(258, 32)  # TIFF BitsPerSample; a PNG in mode I has 16
         declared = 16 if im.format == "PNG" else int(bps[0] if isinstance(bps, tuple) else bps)
         top = int(values.max()) if values.size else 0
         bits = declared if declared < 32 else next(b for b in (8, 16, 32) if top < 2 ** b)
-        if values.size and values.min() < 0:
-            warnings.warn(f"{path}: negative pixel values (down to {int(values.min())}) read as 0", FitWarning,
-                          stacklevel=3)
-        return _scale(np.clip(values, 0, None).astype(np.float64), bits)
+        low = int(values.min()) if values.size else 0
+        if low < 0:
+            warnings.warn(f"{path}: negative pixel values (down to {low}) read as 0", FitWarning, stacklevel=3)
+        return _scale(values, bits)
     if mode == "F":
-        values = np.asarray(im, dtype=np.float64)
-        finite = np.isfinite(values)
-        lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (np.nan, np.nan)
-        if not finite.all() or lo < 0 or hi > 255:
+        values = np.asarray(im)
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (lo >= 0 and hi <= 255):  # NaN fails both comparisons
+            finite = np.isfinite(values)
+            lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (np.nan, np.nan)
             raise InputError(f"{path}: float image values span [{lo:g}, {hi:g}]"
                              f"{' with NaN/inf' if not finite.all() else ''}; expected 0..1 (or 0..255)")
-        return np.rint(values * (255.0 if hi <= 1.0 else 1.0)).astype(np.uint8)
+        factor = 255.0 if hi <= 1.0 else 1.0
+        return _to_uint8(values, lambda v: np.rint(v * factor))
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
-        lum = np.asarray(Image.fromarray(rgba[..., :3].astype(np.uint8), "RGB").convert("L"), dtype=np.float64)
-        alpha = rgba[..., 3] / 255.0
-        # The ink is what is opaque: put it on the background it contrasts with.
-        ink = (lum * alpha).sum() / alpha.sum() if alpha.sum() > 0 else 0.0
-        background = 0.0 if ink > 127.5 else 255.0
-        return np.rint(lum * alpha + background * (1.0 - alpha)).astype(np.uint8)
-    return np.asarray(im.convert("L"), dtype=np.uint8)
+        return _composite(im)
+    return np.asarray(im if mode == "L" else im.convert("L"), dtype=np.uint8)
 
 
-def _scale(values, bits):
-    return np.rint(np.clip(values, 0, 2 ** bits - 1) * (255.0 / (2 ** bits - 1))).astype(np.uint8)
+def _check_pixels(size, path):
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{path}: {width}x{height} pixels ({width * height:,}), more than the "
+                         f"{MAX_IMAGE_PIXELS:,} l2fast decodes (l2fast.inputs.MAX_IMAGE_PIXELS); expected a "
+                         f"smaller image: scale it down first")
 
 
 def decode_image(path):
-    """An image file -> uint8 [H,W] grayscale (step 1 of the recipe); raises InputError."""
+    """An image file -> uint8 [H,W] grayscale (step 1 of the recipe); raises InputError.
+
+    Its size is read from the header and refused above MAX_IMAGE_PIXELS before anything is decoded."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError as e:
         raise InputError(f"{path}: reading image files needs Pillow ({e}); pip install pillow") from None
+    f = open_regular(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            gray = _to_gray(im, path)
+        with f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies
+            with Image.open(f) as im:
+                _check_pixels(im.size, path)
+                im.load()
+                gray = _to_gray(im, path)
+    except InputError:
+        raise
     except UnidentifiedImageError:
         raise InputError(f"{path}: cannot decode it as an image (expected PNG/JPEG/... , a .npy array "
                          f"or an IDX file)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # above Pillow's own limit: its message has the size
+        raise InputError(f"{path}: {' '.join(str(e).split())[:200]}; l2fast decodes at most "
+                         f"{MAX_IMAGE_PIXELS:,} pixels (l2fast.inputs.MAX_IMAGE_PIXELS)") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{path}: cannot decode the image ({' '.join(str(e).split())[:200]}); "
                          f"expected a complete image file (PNG, JPEG, ...)") from None
     if gray.size == 0:
@@ -247,7 +337,7 @@ def _chunk_to_images(raw, dtype, name, start):
     return x
 
 
-def _npy_batches(path, name, f, batch_size, background):
+def _npy_batches(f, name, batch_size, background):
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -261,7 +351,7 @@ def _npy_batches(path, name, f, batch_size, background):
                          f"expected one array saved with numpy.save") from None
     _check_array_header(name, shape, dtype)
     offset = f.tell()
-    count = int(np.prod(shape, dtype=np.int64)) // _PIXELS
+    count = math.prod(shape) // _PIXELS  # Python ints: a claimed (2**60 + 1, 28, 28) cannot wrap around
     claimed = count * _PIXELS * dtype.itemsize
     actual = os.fstat(f.fileno()).st_size - offset
     if actual != claimed:  # before allocating anything: a 200-byte file may claim 784 GB
@@ -269,11 +359,13 @@ def _npy_batches(path, name, f, batch_size, background):
                          f"holds {actual:,} bytes after the header: truncated or corrupted; expected one array "
                          f"saved with numpy.save")
     native = dtype.newbyteorder("=")
-    if fortran and len(shape) > 2:
-        # Images are not contiguous in a Fortran-order file: memory-map it and copy chunk by chunk.
-        mm = np.lib.format.open_memmap(path, mode="r")
+    if fortran and count:
+        # An image is not contiguous in a Fortran-order file (one [28,28] image is stored transposed):
+        # map the file and copy chunk by chunk into C order.
+        mm = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
+        images = mm[None] if len(shape) == 2 else mm[:, 0] if len(shape) == 4 else mm
         for start in range(0, count, batch_size):
-            raw = np.ascontiguousarray(mm[start:start + batch_size]).astype(native, copy=False)
+            raw = np.ascontiguousarray(images[start:start + batch_size]).astype(native, copy=False)
             yield Batch(apply_background(_chunk_to_images(raw, native, name, start), background), start)
         return
     for start in range(0, count, batch_size):
@@ -292,15 +384,14 @@ def _read_exact(f, n, name, what):
     return data
 
 
-def _idx_batches(path, name, batch_size, background):
-    with open(path, "rb") as raw:
-        gz = raw.read(2) == _GZIP_MAGIC
-        size = os.fstat(raw.fileno()).st_size
-        if gz:
-            raw.seek(max(0, size - 4))
-            isize = int.from_bytes(raw.read(4), "little")  # gzip trailer: inflated size mod 2**32
-    stream = gzip.open(path, "rb") if gz else open(path, "rb")
-    with stream as f:
+def _idx_batches(raw, name, batch_size, background):
+    gz = raw.read(2) == _GZIP_MAGIC
+    size = os.fstat(raw.fileno()).st_size
+    if gz:
+        raw.seek(max(0, size - 4))
+        isize = int.from_bytes(raw.read(4), "little")  # gzip trailer: inflated size mod 2**32
+    raw.seek(0)
+    with gzip.GzipFile(fileobj=raw, mode="rb") if gz else contextlib.nullcontext(raw) as f:
         try:
             head = f.read(4)
             if len(head) < 4 or head[:2] != b"\0\0":
@@ -345,26 +436,18 @@ def iter_batches(path, background="auto", fit="auto", batch_size=DEFAULT_BATCH):
         raise ValueError(f"background={background!r}, fit={fit!r}: expected one of {BACKGROUNDS} / {FITS}")
     path = Path(path)
     name = str(path)
-    if not path.exists():
-        raise InputError(f"{name}: file not found")
-    if path.is_dir():
-        raise InputError(f"{name}: is a folder, expected an image, .npy or IDX file")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise InputError(f"{name}: cannot read it ({e.strerror or e})") from None
-    with f:
+    with open_regular(path) as f:
         head = f.read(8)
+        f.seek(0)
         if head.startswith(_ZIP_MAGIC) and path.suffix.lower() in (".npy", ".npz"):
             raise InputError(f"{name}: holds several arrays (.npz), expected one .npy array")
         if head.startswith(_NPY_MAGIC) or path.suffix.lower() == ".npy":
-            f.seek(0)
-            yield from _npy_batches(path, name, f, batch_size, background)
+            yield from _npy_batches(f, name, batch_size, background)
             return
-    if head.startswith(_GZIP_MAGIC) or (len(head) >= 4 and head[:2] == b"\0\0"):
-        try:
-            yield from _idx_batches(path, name, batch_size, background)
-        except OSError as e:
-            raise InputError(f"{name}: cannot read it ({e.strerror or e})") from None
-        return
+        if head.startswith(_GZIP_MAGIC) or (len(head) >= 4 and head[:2] == b"\0\0"):
+            try:
+                yield from _idx_batches(f, name, batch_size, background)
+            except OSError as e:
+                raise InputError(f"{name}: cannot read it ({e.strerror or e})") from None
+            return
     yield Batch(load_image(path, background, fit)[None], None)

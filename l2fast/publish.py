@@ -16,13 +16,11 @@ import contextlib
 import errno
 import os
 import shutil
-import signal
 import stat
 import tempfile
-import threading
 from pathlib import Path
 
-from ._io import _umask
+from ._io import _umask, signals_held
 from .contract import ARTIFACTS, MANIFEST_FILE
 from .errors import OutputError
 
@@ -86,20 +84,6 @@ def check_out(out):
     return target
 
 
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM wait until the files have moved (delivered right after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
 def _mkdirs(folder):
     """Create `folder` and missing parents; the ones created, outermost first."""
     missing = []
@@ -150,7 +134,7 @@ def _publish(staging, target, given):
     stray = [n for n in names if n not in OWNED]
     if stray:
         raise OutputError(f"internal: export wrote {stray} besides its own files; nothing was published to {given}")
-    with _signals_held():
+    with signals_held():
         if not os.path.lexists(target):
             os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700; the published folder gets the usual mode
             try:

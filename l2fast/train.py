@@ -19,8 +19,10 @@ The notebook's l2 weight, 1.0, pulls every weight to zero (the loss settles at l
 and accuracy at chance); the default here is DEFAULT_L2_WEIGHT. `--l2-weight 1.0` is the seed.
 
 Outputs in --out (a new or empty folder; --overwrite to reuse one): model.pt, metrics.jsonl,
-summary.json and loss.png. summary.json's "status" is "running" while training, then "completed",
-"interrupted" (Ctrl-C or SIGTERM; no model.pt) or "diverged" (a non-finite loss; no model.pt).
+summary.json and loss.png. summary.json's "status" is "running" while training (updated every
+epoch), then "completed", "interrupted" (Ctrl-C or SIGTERM; no model.pt), "diverged" (a non-finite
+loss; no model.pt) or "failed" (with the "reason": an output that could not be written, a torchrun
+rank that died). What can be checked is checked before training: the output paths, and the free space.
 This module is the CLI, the epoch loop and the run outputs; `train(TrainConfig(...))` is the same
 run called from Python. The step itself is l2fast.engine's.
 """
@@ -36,7 +38,8 @@ from pathlib import Path
 import torch
 
 from . import _cli, checkpoint, engine, parallel
-from .runs import RUN_FILES, MetricsWriter, plot_losses, prepare_outputs, write_summary  # noqa: F401
+from .runs import (RUN_FILES, MetricsWriter, failure_reason, plot_losses, prepare_outputs, recorded,  # noqa: F401
+                   write_summary)
 from .data import DATASETS, download, load_dataset
 from .errors import DivergedError, L2fastError, UsageError
 from .model import MLP
@@ -51,6 +54,7 @@ SHORT_EPOCH_LOG_EVERY = 25
 MAX_TOTAL_STEPS = 10_000_000  # every step's losses stay in memory for loss.png: 12 bytes a step
 MAX_LR = 1e30  # AdamW's float32 step (lr / bias correction) must stay finite
 MAX_BATCH_SIZE = 2 ** 31 - 1
+OUTPUT_MARGIN = 1 << 20  # bytes free for metrics.jsonl, summary.json and loss.png, besides the checkpoint
 
 
 @dataclasses.dataclass
@@ -265,13 +269,33 @@ class _Run:
         self.config, self.out, self.metrics, self.info = config, out, metrics, info
         self.ctx = ctx or parallel.Context()
         self.records, self.epochs_done, self.steps_done = [], 0, 0
+        self.checkpoint, self.finished = None, False  # model.pt once written; True once "completed" is
 
     def status(self, status, **extra):
+        """metrics.jsonl and summary.json as the run stands; the summary even when the metrics cannot
+        be written (their OutputError is raised after it)."""
         if self.metrics is None:
             return
-        self.metrics.write(self.records)
-        write_summary(self.out, {"status": status, "completed_epochs": self.epochs_done,
-                                 "completed_steps": self.steps_done, **extra, **self.info})
+        try:
+            self.metrics.write(self.records)
+        finally:
+            write_summary(self.out, {"status": status, "completed_epochs": self.epochs_done,
+                                     "completed_steps": self.steps_done, **extra, **self.info})
+
+    def end(self, failure, total_steps):
+        """summary.json for a run ended early: "interrupted" when `failure` is None, else "failed"
+        with its reason (see runs.recorded)."""
+        end = {"last_completed_epoch": self.epochs_done, "total_steps": total_steps, "checkpoint": self.checkpoint}
+        if failure is None:
+            end = {"status": "interrupted", **end}
+        else:
+            end = {"status": "failed", "reason": failure_reason(failure), **end}
+        with contextlib.suppress(L2fastError, OSError):  # nothing more can be done when it cannot be written
+            self.status(**end)
+        if failure is None and self.ctx.is_main:
+            kept = "model.pt kept" if self.checkpoint else "no model.pt written"
+            print(f"interrupted after {self.epochs_done} complete epoch(s); {self.out}/summary.json says so, {kept}",
+                  file=sys.stderr, flush=True)
 
 
 def train(config):
@@ -319,6 +343,13 @@ def _load(config):
     return data, steps_per_epoch, total_steps
 
 
+def _output_bytes():
+    """About what the run folder's files take: the checkpoint's 4 bytes a parameter, and room for the
+    metrics, summary.json and loss.png."""
+    with torch.device("meta"):
+        return 4 * sum(p.numel() for p in MLP().parameters()) + OUTPUT_MARGIN
+
+
 def _train(config, ctx):
     wall_start = time.perf_counter()
     agree = ctx.agree if ctx else (lambda fn, *args, main_only=False: fn(*args))
@@ -326,7 +357,8 @@ def _train(config, ctx):
     device = agree(_setup, config, ctx if ctx.kind else None)
     agree(_download, config, main_only=True)  # one rank downloads; the others then read its files
     data, steps_per_epoch, total_steps = agree(_load, config)
-    out, metrics_path = agree(prepare_outputs, config.out, config.metrics, config.overwrite, main_only=True) or (None, None)
+    out, metrics_path = agree(prepare_outputs, config.out, config.metrics, config.overwrite, _output_bytes(),
+                              main_only=True) or (None, None)
     if ctx.is_main:
         config.out, config.metrics = str(out), str(metrics_path)
     print(f"dataset: {data.name} ({data.source})", flush=True)
@@ -354,7 +386,7 @@ def _train(config, ctx):
 
     info = settings(config, data, device, weight_decay, ctx)
     run = _Run(config, out, MetricsWriter(metrics_path) if ctx.is_main else None, info, ctx)
-    with contextlib.closing(run.metrics or io.StringIO()):
+    with contextlib.closing(run.metrics or io.StringIO()), recorded(run, total_steps):
         run.status("running", total_steps=total_steps, checkpoint=None)
         history = torch.zeros(total_steps, 3, device=device)  # every step's losses, read at the end
         try:
@@ -364,24 +396,19 @@ def _train(config, ctx):
             error = _diverged(run, d, steps_per_epoch)
             error.shared_by_ranks = True
             raise error from None
-        except KeyboardInterrupt:
-            run.status("interrupted", last_completed_epoch=run.epochs_done, total_steps=total_steps,
-                       checkpoint=None)
-            if ctx.is_main:
-                print(f"interrupted after {run.epochs_done} complete epoch(s); {out}/summary.json says so, "
-                      f"no model.pt written", file=sys.stderr, flush=True)
-            raise
-    print("Training process has finished.", flush=True)
+        print("Training process has finished.", flush=True)
 
-    trained = ctx.full_model(model, lambda: MLP(model_layer_sizes(model)))  # FSDP2: gathered on every rank
-    if not ctx.is_main:
-        return None
-    history = history.tolist()
-    summary = summarize(run, trained, history, wall_start)
-    checkpoint.save(out / checkpoint.CHECKPOINT_FILE, trained, config.plain(),
-                    {"name": data.name, "data_dir": str(config.data_dir)})
-    plot_losses(out / "loss.png", history)
-    write_summary(out, summary)
+        trained = ctx.full_model(model, lambda: MLP(model_layer_sizes(model)))  # FSDP2: gathered on every rank
+        if not ctx.is_main:
+            return None
+        history = history.tolist()
+        summary = summarize(run, trained, history, wall_start)
+        checkpoint.save(out / checkpoint.CHECKPOINT_FILE, trained, config.plain(),
+                        {"name": data.name, "data_dir": str(config.data_dir)})
+        run.checkpoint = checkpoint.CHECKPOINT_FILE
+        plot_losses(out / "loss.png", history)
+        write_summary(out, summary)
+        run.finished = True
     print(f"test accuracy {100 * test_accuracy:.2f}%, test loss {test_loss:.5f}; {run.steps_done} steps in "
           f"{train_seconds:.1f} s ({summary['steps_per_second']:.0f} steps/s); wrote {out}", flush=True)
     return summary
@@ -414,8 +441,7 @@ def run_epochs(run, step, model, shuffle, history, train_x, test_x, test_y, step
                                   "epoch_seconds": seconds, "samples_per_second": samples_per_second}]
         run.epochs_done, run.steps_done = epoch, run.steps_done + n_steps
         train_seconds += seconds
-        if run.metrics is not None:
-            run.metrics.write(run.records)
+        run.status("running", total_steps=total_steps, checkpoint=None)
     return train_seconds, test_loss, test_accuracy
 
 

@@ -129,3 +129,52 @@ def test_missing_paths_and_folders(tmp_path):
         checkpoint.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no model.pt in this folder"):
         checkpoint.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------- issue 18: tracebacks in export
+
+def _weight_as(kind):
+    w = MLP().state_dict()["layers.1.weight"]
+    if kind == "sparse":
+        return w.to_sparse()
+    if kind == "sparse_csr":
+        return w.to_sparse_csr()
+    if kind == "meta":
+        return w.to("meta")
+    if kind == "float8":
+        return w.to(torch.float8_e4m3fn)
+    if kind == "complex":
+        return w.to(torch.complex64)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("sparse", "a torch.sparse_coo tensor"),
+    ("sparse_csr", "a torch.sparse_csr tensor"),
+    ("meta", "on the meta device"),
+    ("float8", "a torch.float8_e4m3fn tensor"),
+    ("complex", "a torch.complex64 tensor"),
+])
+def test_weights_that_are_not_dense_floats_on_the_cpu_are_refused(tmp_path, no_build, kind, expected):
+    """A sparse or meta tensor was a load_state_dict traceback; float8 an isfinite traceback."""
+    sd = MLP().state_dict()
+    sd["layers.1.weight"] = _weight_as(kind)
+    path = _save(tmp_path / "model.pt", sd, [784, 64, 32, 10])
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(path)
+    msg = str(e.value)
+    assert str(path) in msg and "layers.1.weight" in msg and expected in msg and "\n" not in msg, msg
+    assert "expected" in msg and no_build == []
+
+
+@pytest.mark.parametrize("where", ["train_config", "dataset"])
+def test_metadata_that_is_not_strict_json_is_refused(tmp_path, where):
+    """A NaN in train_config failed after verification, writing the manifest (`not JSON compliant`)."""
+    extra = {"train_config": {"lr": 1e-4}, "dataset": {"name": "sample", "data_dir": "data"}}
+    extra[where]["bad"] = [1.0, float("nan")]
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": MLP().state_dict(), "model_config": {"layer_sizes": [784, 64, 32, 10]}, **extra}, path)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load(path)
+    msg = str(e.value)
+    assert str(path) in msg and f"{where}['bad'][1] is nan" in msg and "\n" not in msg, msg

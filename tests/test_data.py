@@ -224,3 +224,45 @@ def test_idx_error_is_a_data_error_and_classes_are_the_contract_labels():
 
     assert issubclass(IDXError, LibraryDataError) and DataError is LibraryDataError
     assert load_dataset("sample").classes == MNIST_LABELS
+
+
+def _idx_header(dims, code=0x08):
+    return bytes([0, 0, code, len(dims)]) + np.asarray(dims, dtype=">u4").tobytes()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("sparse-47GB", "[60000, 28, 28000]"),      # header and real size agree: the shape alone is wrong
+    ("gzip-16Mpx", "[1, 4000, 4000]"),          # inflating it first cost 16 MB (256 MB at 16000x16000)
+    ("255-dims", "255 dimensions"),             # a numpy traceback: ndarrays have at most 64
+    ("labels-as-images", "[50]"),
+    ("int32-images", "int32"),
+])
+def test_idx_dimensions_are_checked_before_reading(tmp_path, case, expected):
+    """Every dimension and the dtype are checked against MNIST's before anything is read or allocated."""
+    raw = write_fake(tmp_path)
+    images = raw / "train-images-idx3-ubyte"
+    if case == "sparse-47GB":
+        header = _idx_header([60000, 28, 28000])
+        with open(images, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + 60000 * 28 * 28000)
+    elif case == "gzip-16Mpx":
+        images.unlink()
+        images = raw / "train-images-idx3-ubyte.gz"
+        images.write_bytes(gzip.compress(_idx_header([1, 4000, 4000]) + bytes(4000 * 4000)))
+    elif case == "255-dims":
+        images.write_bytes(_idx_header([1] * 255) + b"\0")
+    elif case == "labels-as-images":
+        write_idx(images, np.zeros(50, np.uint8))
+    else:
+        images.write_bytes(_idx_header([50, 28, 28], code=0x0C) + bytes(50 * 784 * 4))
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as e:
+            load_dataset("mnist", tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_one_line_naming(e, images)
+    assert expected in str(e.value) and "expected" in str(e.value)
+    assert peak < 4 << 20, f"peak {peak / 2**20:.0f} MiB before refusing {case}"

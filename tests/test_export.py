@@ -163,7 +163,11 @@ def test_parity_of_every_artifact_on_the_test_set(exported, sample):
 
 
 def test_pt2_has_a_dynamic_batch(exported):
-    module = torch.export.load(str(exported["dir"] / contract.PT2_FILE)).module()
+    program = torch.export.load(str(exported["dir"] / contract.PT2_FILE))
+    # The batch had an upper bound of 2**20 that nothing documented (issue 18): unbounded now.
+    assert [r.lower for r in program.range_constraints.values()] == [1]
+    assert all(r.upper > 2 ** 40 for r in program.range_constraints.values()), program.range_constraints
+    module = program.module()
     ts = exporters.load_torchscript(exported["dir"] / contract.TORCHSCRIPT_FILE)
     for n in (1, 3, 17, 1000):
         x = torch.rand(n, 1, 28, 28)
@@ -362,6 +366,13 @@ def _bad_checkpoints(tmp_path):
     torch.save({"state_dict": MLP().state_dict(), "model_config": {"layer_sizes": [784, 64, 32, 10]},
                 "extra": Path("somewhere")}, pickled)
     cases["unsafe pickle"] = (pickled, "weights_only")
+    sparse = MLP().state_dict()
+    sparse["layers.1.weight"] = sparse["layers.1.weight"].to_sparse()  # a load_state_dict traceback (issue 18)
+    torch.save({"state_dict": sparse, "model_config": {"layer_sizes": [784, 64, 32, 10]}}, tmp_path / "sparse.pt")
+    cases["a sparse weight"] = (tmp_path / "sparse.pt", "layers.1.weight is a torch.sparse_coo tensor")
+    # failed after the whole verification, writing the manifest (issue 18)
+    save_checkpoint(tmp_path / "nan-config" / "model.pt", MLP(), train_config={"lr": float("nan")})
+    cases["NaN in train_config"] = (tmp_path / "nan-config", "train_config['lr'] is nan")
     return cases
 
 

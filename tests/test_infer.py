@@ -436,6 +436,18 @@ def test_bench_infer_smoke(onnx_path, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not found" in r.stderr
 
 
+def test_bench_infer_refuses_a_batch_it_cannot_run_up_front(tmp_path):
+    """--batch 3000000 peaked at 13.7 GB, then failed in torch.export's guard (batch <= 2**20)."""
+    from l2fast.bench.infer import MAX_BATCH
+
+    for batch in (3_000_000, MAX_BATCH + 1):
+        r = subprocess.run([sys.executable, "-m", "l2fast.bench", "infer", "--model", str(tmp_path / "nope.onnx"),
+                            "--batch", str(batch)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PKG_ROOT)},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: --batch {batch}: expected 1..{MAX_BATCH:,}"), r.stderr
+
+
 # ----------------------------------------------------------------------------- issue 8: the Predictor
 
 def test_predictor_takes_one_image_without_a_batch_axis(onnx_path, sample):
@@ -609,3 +621,122 @@ def test_dark_digit_on_paper_is_right_by_default_and_black_warns(onnx_path, samp
     assert len(warned) >= len(names) and all("--background" in w for w in warned)
     recs = [json.loads(line) for line in out.splitlines()]
     assert all(any("border is light" in w for w in r["warnings"]) for r in recs)
+
+
+# ----------------------------------------------------------------------------- issue 18: hostile files
+
+def _png(path, width, height, rgba=False, rows=None):
+    """A valid PNG of width x height pixels (8-bit L, or RGBA), written row by row so that a huge
+    image costs the test no memory: rows(y) gives a row's bytes (default: black, fully transparent)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    channels = 4 if rgba else 1
+    blank = bytes(width * channels)
+    z = zlib.compressobj(9)
+    body = bytearray()
+    for y in range(height):
+        body += z.compress(b"\0" + (rows(y) if rows else blank))
+    body += z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6 if rgba else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", bytes(body)) + chunk(b"IEND", b""))
+    return path
+
+
+def _batches(path, **kwargs):
+    from l2fast.inputs import iter_batches
+
+    return np.concatenate([b.images for b in iter_batches(path, background="black", **kwargs)])
+
+
+def test_fortran_order_npy_is_read_as_saved(sample, tmp_path):
+    """A Fortran-order [28,28] digit was read transposed: a silently wrong prediction."""
+    digits = sample.test_images[:5]
+    assert not np.array_equal(digits[0], digits[0].T)
+    cases = {"one": digits[0], "batch": digits, "nchw": digits[:, None],
+             "float-be": (digits[:, None].astype(">f4") / 255)}
+    for name, array in cases.items():
+        np.save(tmp_path / f"{name}.npy", np.asfortranarray(array))
+        np.save(tmp_path / f"{name}-c.npy", np.ascontiguousarray(array))
+        for batch_size in (2, 1024):
+            got = _batches(tmp_path / f"{name}.npy", batch_size=batch_size)
+            want = _batches(tmp_path / f"{name}-c.npy", batch_size=batch_size)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (name, batch_size)
+        reference = digits[:1] if name == "one" else digits
+        if got.dtype == np.uint8:
+            assert np.array_equal(got, reference), name
+
+
+@pytest.mark.parametrize("fortran", [False, True], ids=["C", "Fortran"])
+def test_npy_header_whose_size_overflows_int64_is_refused(onnx_path, inputs, capsys, fortran):
+    """(2**60 + 1, 28, 28) overflowed np.prod and passed the size check (exit 0); Fortran: a traceback."""
+    header = {"descr": "|u1", "fortran_order": fortran, "shape": (2 ** 60 + 1, 28, 28)}
+    with open(inputs / "huge.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(bytes(784))
+    rc, out, err = run_infer([str(onnx_path), str(inputs / "huge.npy"), str(inputs / "d0.png")], capsys)
+    assert rc == 1 and "Traceback" not in err, err
+    assert out.startswith(str(inputs / "d0.png")) and len(out.splitlines()) == 1
+    line = [e for e in err.splitlines() if "huge.npy" in e]
+    assert len(line) == 1 and line[0].startswith("error: ") and "holds 784 bytes" in line[0], err
+
+
+def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
+    """Pillow decodes up to 179 Mpx: a PNG of a few hundred KB cost gigabytes."""
+    import tracemalloc
+
+    from l2fast.inputs import MAX_IMAGE_PIXELS
+
+    side = int(MAX_IMAGE_PIXELS ** 0.5) + 1
+    big = _png(tmp_path / "big.png", side, side)
+    assert big.stat().st_size < 1e6
+    tracemalloc.start()
+    try:
+        with pytest.raises(infer.InputError) as e:
+            infer.load_image(big)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    msg = str(e.value)
+    assert str(big) in msg and f"{side}x{side}" in msg and f"{MAX_IMAGE_PIXELS:,}" in msg and "\n" not in msg
+    assert peak < 1 << 20, f"{peak / 2**20:.0f} MiB allocated to refuse an image from its header"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS read from /proc/self/status (Linux)")
+def test_large_rgba_image_decodes_with_few_bytes_per_pixel(onnx_path, sample, tmp_path):
+    """A 4000x4000 RGBA PNG of 66 KB cost 1.13 GB in infer (about 66 bytes a pixel)."""
+    side, digit = 4000, sample.test_images[0]
+    scale = side // 40
+
+    def row(y):  # dark ink whose opacity is the digit, scaled up, in the middle of a transparent page
+        r = np.zeros((side, 4), np.uint8)
+        line = digit[min(27, max(0, (y - side // 2) // scale + 14))] if abs(y - side // 2) < 14 * scale else None
+        if line is not None:
+            r[side // 2 - 14 * scale:side // 2 + 14 * scale, 3] = np.repeat(line, scale)
+        return r.tobytes()
+
+    _png(tmp_path / "small.png", 28, 28, rgba=True)
+    _png(tmp_path / "photo.png", side, side, rgba=True, rows=row)
+    rc, base_mb, err = _peak_rss_mb([str(onnx_path), "small.png", "--threads", "1"], tmp_path)
+    assert rc == 0, err[-2000:]
+    rc, peak_mb, err = _peak_rss_mb([str(onnx_path), "photo.png", "--threads", "1"], tmp_path)
+    assert rc == 0, err[-2000:]
+    per_pixel = (peak_mb - base_mb) * 2 ** 20 / side ** 2
+    assert per_pixel < 12, f"{per_pixel:.1f} bytes a pixel ({peak_mb:.0f} MB peak, {base_mb:.0f} MB for a 28x28 image)"
+
+
+def test_fifo_and_devices_as_inputs_are_refused_not_waited_on(onnx_path, inputs):
+    """A FIFO as an image hung infer forever, and the inputs after it were never answered."""
+    os.mkfifo(inputs / "f.png")
+    try:
+        r = run_py(["-m", "l2fast.infer", str(onnx_path), "f.png", "/dev/zero", "u8.npy"], cwd=inputs, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("infer waited on a FIFO for 60 s")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith("error: f.png: is a FIFO") and "expected a regular file" in errors[0], errors
+    assert errors[1].startswith("error: /dev/zero: is a character device"), errors
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == [f"u8.npy[{i}]" for i in range(8)]

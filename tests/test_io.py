@@ -133,3 +133,36 @@ def test_unique_folders_are_distinct_under_contention(tmp_path):
         t.join(timeout=30)
     assert len(made) == 8 and len(set(made)) == 8
     assert sorted(p.name for p in made) == sorted(["stamp"] + [f"stamp-{n}" for n in range(2, 9)])
+
+
+# ----------------------------------------------------------------------------- issue 18: writes that fail
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_write_that_fails_is_an_output_error_naming_the_path(tmp_path):
+    """A full device was a bare `No space left on device`, without the path."""
+    with pytest.raises(OutputError, match=r"^/dev/full: cannot write it \(No space left on device\)$"):
+        atomic_write_text("/dev/full", "x" * 10000)
+    os.symlink("/dev/full", tmp_path / "link")
+    with pytest.raises(OutputError, match=rf"^{tmp_path / 'link'}: cannot write it \(No space left"):
+        with atomic_path(tmp_path / "link") as tmp:
+            tmp.write_bytes(b"x" * 10000)
+
+
+def test_a_full_disk_leaves_no_temporary_file_and_the_record_is_rewritten_in_place(tmp_path, monkeypatch):
+    from l2fast import runs
+
+    (tmp_path / "summary.json").write_text('{"status": "running"}\n' + " " * 200)
+    real_write_bytes = type(tmp_path).write_bytes
+
+    def full_disk(self, data):  # a new file gets no space: the first block cannot be written
+        real_write_bytes(self, b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(tmp_path), "write_bytes", full_disk)
+    with pytest.raises(OutputError, match="notes.txt: cannot write it"):
+        atomic_write_text(tmp_path / "notes.txt", "new")
+    runs.write_summary(tmp_path, {"status": "failed", "reason": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary file left
+    assert runs.json.loads((tmp_path / "summary.json").read_text()) == {"status": "failed", "reason": "x"}
+    with pytest.raises(OutputError, match="summary.json: cannot write it"):
+        runs.write_summary(tmp_path / "gone", {"status": "failed"})  # nothing to rewrite in place: refused

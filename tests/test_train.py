@@ -432,3 +432,264 @@ def test_metrics_fifo_is_streamed_to_not_replaced(tmp_path):
     assert os.path.exists(fifo) and os.stat(fifo).st_mode & 0o170000 == 0o010000  # still a FIFO
     records = [strict_json(line) for line in got[0].splitlines()]
     assert [(r["epoch"], r.get("step")) for r in records] == [(1, 50), (1, 100), (1, None), (2, None)]
+
+
+# ----------------------------------------------------------------------------- issue 18: the run record when a write fails
+
+def summary_of(run):
+    return strict_json((run / "summary.json").read_text())
+
+
+def assert_failed_on_the_record(done, run, *needles):
+    """One line naming what could not be written, exit 2, and summary.json saying "failed" with it."""
+    assert_one_line_error(done, 2, *needles)
+    summary = summary_of(run)
+    assert summary["status"] == "failed", summary
+    assert all(n in summary["reason"] for n in needles) and "\n" not in summary["reason"], summary["reason"]
+    assert summary["reason"] in done.stderr
+    assert not (run / "model.pt").exists() and summary["checkpoint"] is None
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    return summary
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_metrics_on_a_full_device_fails_the_run_on_the_record(tmp_path):
+    """--metrics /dev/full printed `No space left on device` without the path and left "running"."""
+    done = cli(["l2fast.train", "--out", "run", "--metrics", "/dev/full", "--max-steps", "30", "--log-every", "10",
+                "--penalty", "reference", "--no-progress"], tmp_path, check=False)
+    summary = assert_failed_on_the_record(done, tmp_path / "run", "/dev/full: cannot write it",
+                                          "No space left on device")
+    assert summary["completed_steps"] == 30 and summary["completed_epochs"] == 1
+
+
+def test_metrics_fifo_whose_reader_goes_away_fails_the_run_on_the_record(tmp_path):
+    """A FIFO reader that went away: exit 1 with no message, and "running" left behind."""
+    fifo = tmp_path / "metrics.fifo"
+    os.mkfifo(fifo)
+
+    def read_a_little():
+        with open(fifo, "rb") as f:
+            f.read(10)
+
+    reader = threading.Thread(target=read_a_little, daemon=True)
+    reader.start()
+    done = cli(["l2fast.train", "--out", "run", "--metrics", str(fifo), "--epochs", "4", "--log-every", "1",
+                "--penalty", "reference", "--no-progress"], tmp_path, check=False)
+    reader.join(timeout=60)
+    summary = assert_failed_on_the_record(done, tmp_path / "run", f"{fifo}: cannot write it", "reader went away")
+    assert 1 <= summary["completed_epochs"] < 4
+
+
+FAIL_TORCH_SAVE = """
+import sys, torch
+def full_disk(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills up under it
+    open(f, "wb").write(b"PK")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1792 vs 1686")
+torch.save = full_disk
+from l2fast.train import cli
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_checkpoint_that_cannot_be_written_fails_the_run_on_the_record(tmp_path):
+    """A full filesystem under torch.save was a traceback, and summary.json said "running"."""
+    done = run_python(["-c", FAIL_TORCH_SAVE, "--out", "run", "--max-steps", "20", "--penalty", "reference",
+                       "--no-progress"], cwd=tmp_path, timeout=300)
+    summary = assert_failed_on_the_record(done, tmp_path / "run", "run/model.pt", "unexpected pos 1792")
+    assert summary["completed_steps"] == 20 and "Training process has finished." in done.stdout
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "summary.json"]
+
+
+FAIL_LOSS_PNG = """
+import errno, sys
+from matplotlib.figure import Figure
+def full_disk(self, *args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+Figure.savefig = full_disk
+from l2fast.train import cli
+sys.exit(cli(sys.argv[1:]))
+"""
+
+
+def test_a_failure_after_the_checkpoint_keeps_it_on_the_record(tmp_path):
+    done = run_python(["-c", FAIL_LOSS_PNG, "--out", "run", "--max-steps", "20", "--penalty", "reference",
+                       "--no-progress"], cwd=tmp_path, timeout=300)
+    assert_one_line_error(done, 2, "run/loss.png: cannot write it (No space left on device)")
+    summary = summary_of(tmp_path / "run")
+    assert summary["status"] == "failed" and summary["checkpoint"] == "model.pt", summary
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "model.pt", "summary.json"]
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size):
+    """A tmpfs of `size` mounted at `path` (root only; skipped where mounting is not allowed)."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_out_on_a_filesystem_too_small_is_refused_before_training(tmp_path):
+    with small_filesystem(tmp_path / "small", "150k") as small:
+        done = cli(["l2fast.train", "--out", str(small / "run"), "--max-steps", "5", "--penalty", "reference",
+                    "--no-progress"], tmp_path, check=False)
+        assert_one_line_error(done, 2, f"--out {small / 'run'}", "bytes free")
+        assert "Starting epoch" not in done.stdout and list(small.iterdir()) == []
+
+
+def test_filesystem_filling_up_during_the_run_is_on_the_record(tmp_path):
+    """The disk fills while training: the run ends "failed" naming the file, the record written in place."""
+    with small_filesystem(tmp_path / "small", "2m") as small:
+        env = dict(os.environ, PYTHONPATH=str(PKG_ROOT), PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "l2fast.train", "--out", str(small / "run"), "--epochs", "30",
+                                 "--penalty", "reference", "--no-progress"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for line in proc.stdout:
+                if line.startswith("Starting epoch 2"):
+                    break
+            with open(small / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+                while True:  # take every byte left
+                    f.write(bytes(4096))
+            out, err = proc.communicate(timeout=240)
+        finally:
+            proc.kill()
+        assert proc.returncode == 2, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: {small / 'run'}/") and "No space left" in lines[0], err
+        summary = summary_of(small / "run")
+        assert summary["status"] == "failed" and "No space left" in summary["reason"], summary
+        assert summary["completed_epochs"] >= 1 and not (small / "run" / "model.pt").exists()
+
+
+def test_overwrite_into_a_folder_holding_a_folder_named_model_pt_is_refused_before_training(tmp_path):
+    """It was found only after the whole run, and the trained model was lost."""
+    run = tmp_path / "run"
+    (run / "model.pt").mkdir(parents=True)
+    (run / "model.pt" / "mine.txt").write_text("keep")
+    (run / "summary.json").write_text('{"status": "completed", "from": "an older run"}')
+    done = cli(["l2fast.train", "--out", "run", "--overwrite", "--max-steps", "5", "--penalty", "reference",
+                "--no-progress"], tmp_path, check=False)
+    assert_one_line_error(done, 2, "run/model.pt", "is a folder")
+    assert "Starting epoch" not in done.stdout
+    assert (run / "model.pt" / "mine.txt").read_text() == "keep"
+    assert json.loads((run / "summary.json").read_text())["from"] == "an older run"  # nothing removed either
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ("same", "--metrics same: is the --out folder"),
+    ("same/summary.json", "--metrics same/summary.json: the run writes its own summary.json there"),
+    ("same/model.pt", "--metrics same/model.pt: the run writes its own model.pt there"),
+])
+def test_metrics_that_collides_with_the_run_folder_is_refused_before_anything_is_made(tmp_path, monkeypatch,
+                                                                                      capsys, metrics, message):
+    """`--out X --metrics X` left an empty X behind."""
+    monkeypatch.chdir(tmp_path)
+    assert T.cli(["--out", "same", "--metrics", metrics, "--device", "cpu", "--penalty", "reference"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _pids_with_environment(*lines):
+    """The processes whose environment holds every one of `lines` (NAME=value)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0")) if entry.name.isdigit() else set()
+        except OSError:
+            continue
+        if all(line.encode() in environ for line in lines):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the torchrun ranks through /proc")
+def test_torchrun_rank_killed_leaves_a_failed_record(tmp_path):
+    """A rank killed with kill -9 left summary.json at "running": rank 0 survives it and can say so."""
+    env = dict(os.environ, PYTHONPATH=str(PKG_ROOT), PYTHONUNBUFFERED="1", L2FAST_TEST_MARK=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "l2fast.train", "--parallel", "ddp", "--device", "cpu", "--epochs", "200",
+                             "--out", "run", "--no-progress"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("Starting epoch 2"):
+                break
+        ranks = _pids_with_environment(f"L2FAST_TEST_MARK={tmp_path}", "RANK=1")
+        assert len(ranks) == 1, ranks
+        os.kill(ranks[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    summary = summary_of(tmp_path / "run")
+    assert summary["status"] == "failed", (summary["status"], summary.get("reason"), err[-1500:])
+    assert summary["completed_epochs"] >= 1 and summary["checkpoint"] is None
+    assert "\n" not in summary["reason"] and summary["reason"], summary
+    assert not re.search(r'File "[^"]*/l2fast/[^"]*\.py"', err), err[-3000:]  # no traceback through l2fast
+
+
+# ----------------------------------------------------------------------------- issue 18: benchmarks that cannot work
+
+def test_bench_penalty_spreads_any_size_over_any_number_of_tensors():
+    """--sizes 1M --tensors 100000 was a `negative dimension` traceback."""
+    from l2fast.bench.penalty import make_params
+
+    for size, n in ((1_000_000, 100_000), (1_000, 1_000), (1_000, 7), (10, 3)):
+        params = make_params(size, "cpu", n)
+        counts = [p.numel() for p in params]
+        assert len(counts) == n and sum(counts) == size and min(counts) >= 1, (size, n)
+        assert len(set(counts)) > 1 or n == size  # still log-uniformly varying sizes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "mlp,1M", "--tensors", "1000001", "--no-compile"],
+     "--tensors 1000001: more tensors than the 1,000,000 values"),
+    (["--sizes", "1M", "--tensors", "100000"], "--tensors 100000: torch.compile's build"),
+    (["--sizes", "1B", "--device", "cpu"], "--sizes 1B: about"),
+])
+def test_bench_penalty_refuses_what_cannot_work_up_front(tmp_path, args, message):
+    if "1B" in args and _available_memory() > 40e9:
+        pytest.skip("this machine has the memory for 1B values")
+    assert_one_line_error(cli(["l2fast.bench", "penalty", *args], tmp_path, check=False), 2, message)
+
+
+def _available_memory():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, prefix", [
+    (["l2fast.bench", "train", "--steps", "100000"], "l2fast-bench-"),
+    (["l2fast.bench", "infer", "--iters", "100000"], "l2fast-bench-infer-"),
+    (["l2fast.selftest", "--quick", "--device", "cpu"], "l2fast-selftest-work-"),
+], ids=["bench-train", "bench-infer", "selftest"])
+def test_sigterm_leaves_no_temporary_folder_behind(tmp_path, command, prefix):
+    """`timeout -s TERM` left /tmp/l2fast-bench-* (47 MB) and /tmp/l2fast-selftest-work-* behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(PKG_ROOT), TMPDIR=str(scratch))
+    proc = subprocess.Popen([sys.executable, "-m", *command], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(scratch.glob(prefix + "*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list(scratch.glob(prefix + "*")), "the temporary folder never appeared"
+        time.sleep(2)  # well inside the work
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert not list(scratch.glob(prefix + "*")), sorted(p.name for p in scratch.iterdir())

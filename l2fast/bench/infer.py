@@ -39,6 +39,10 @@ from ..contract import MANIFEST_FILE, ONNX_FILE, PT2_FILE, TORCHSCRIPT_FILE
 from ..errors import UsageError
 
 LAT_TARGET_US = 50.0
+MAX_BATCH = 65_536  # throughput stops growing long before; the memory does not
+# Its uint8 and float32 inputs, the per-call float32 copies, onnxruntime's and torch's buffers; measured:
+# 6.7 KB an image (peak RSS at --batch 65536 over --batch 1024, CPU).
+BYTES_PER_IMAGE = 7_000
 PREDICTOR_P50_MAX = 1.5  # Predictor batch-1 p50 / raw onnxruntime p50 (issue 8)
 PREDICTOR_THROUGHPUT_MIN = 0.95  # Predictor throughput / raw onnxruntime throughput (issue 8)
 RAW = "onnxruntime run from uint8 (raw)"
@@ -51,7 +55,7 @@ def add_arguments(p):
     src.add_argument("--checkpoint", help="a run folder or checkpoint to export into a temp folder first")
     p.add_argument("--iters", type=int, default=2000, help="batch-1 calls per backend per round (default 2000)")
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (default 6)")
-    p.add_argument("--batch", type=int, default=1024, help="throughput batch size (default 1024)")
+    p.add_argument("--batch", type=int, default=1024, help="throughput batch size, 1..65536 (default 1024)")
     p.add_argument("--reps", type=int, default=50, help="batch calls per backend per round (default 50)")
     p.add_argument("--latency-threads", type=int, default=1, help="threads for the batch-1 phase, all backends (default 1)")
     p.add_argument("--throughput-threads", type=int, default=None,
@@ -273,6 +277,10 @@ def run(args):
     for opt in ("iters", "rounds", "batch", "reps", "latency_threads", "throughput_threads"):
         if getattr(args, opt) < 1:
             raise UsageError(f"--{opt.replace('_', '-')} {getattr(args, opt)}: expected 1 or more")
+    if args.batch > MAX_BATCH:
+        raise UsageError(f"--batch {args.batch}: expected 1..{MAX_BATCH:,} (the benchmark holds about "
+                         f"{BYTES_PER_IMAGE:,} bytes an image at once: {MAX_BATCH * BYTES_PER_IMAGE / 1e9:.1f} GB "
+                         f"at {MAX_BATCH:,})")
     for opt in ("latency_threads", "throughput_threads"):
         if getattr(args, opt) > max_threads():
             raise UsageError(f"--{opt.replace('_', '-')} {getattr(args, opt)}: expected 1..{max_threads()} "
@@ -280,7 +288,7 @@ def run(args):
     import onnxruntime as ort
     import torch
 
-    with tempfile.TemporaryDirectory(prefix="l2fast-bench-infer-") as tmp:
+    with _cli.sigterm_raises(), tempfile.TemporaryDirectory(prefix="l2fast-bench-infer-") as tmp:  # SIGTERM: as Ctrl-C
         folder, onnx_path, eager, what = prepare(args, tmp)
         calls = make_backends(folder, onnx_path, eager, args.latency_threads, args.throughput_threads,
                               args.batch, include_pt2=not args.no_pt2)

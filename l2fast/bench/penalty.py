@@ -22,6 +22,11 @@ from l2fast.errors import UsageError
 from l2fast.model import MLP
 
 WEIGHT = 1e-4
+# Peak bytes per float32 value at one size: params and grads (8), the copy's source and destination
+# (12), the seed's torch.cat and its square (8), less what is freed between methods; measured: 22
+# (peak RSS over the MLP-size run's, --sizes 10M --no-compile, CPU).
+BYTES_PER_VALUE = 24
+MAX_COMPILED_TENSORS = 1_000  # with the torch.compile baseline: --sizes 1M --tensors 1000 took 270 s, 100,000 hours
 SIZES = {"mlp": None, "1M": 1_000_000, "10M": 10_000_000, "50M": 50_000_000,
          "100M": 100_000_000, "1B": 1_000_000_000}
 
@@ -32,8 +37,11 @@ def make_params(size, device, n_tensors, seed=0):
     torch.manual_seed(seed)
     if size is None:
         return [p.detach().to(device).requires_grad_() for p in MLP().parameters()]
-    weights = torch.rand(n_tensors, generator=torch.Generator().manual_seed(seed)).mul(8).exp()
-    counts = (weights / weights.sum() * size).long().clamp(min=1)
+    if not 1 <= n_tensors <= size:
+        raise ValueError(f"{n_tensors} tensors for {size} values: expected 1 to {size} tensors")
+    weights = torch.rand(n_tensors, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(8).exp()
+    # One value each, the rest spread by weight; what the rounding down leaves goes to the first.
+    counts = 1 + (weights / weights.sum() * (size - n_tensors)).long()
     counts[0] += size - counts.sum()
     return [torch.randn(int(n), device=device).requires_grad_() for n in counts]
 
@@ -114,6 +122,14 @@ def check_args(args):
         raise UsageError(f"--sizes: unknown size {unknown[0]!r}; expected some of {','.join(SIZES)}")
     if args.tensors < 1:
         raise UsageError(f"--tensors {args.tensors}: expected at least 1 tensor")
+    if args.tensors > MAX_COMPILED_TENSORS and not args.no_compile:
+        raise UsageError(f"--tensors {args.tensors}: torch.compile's build of the `compiled` baseline grows faster than "
+                         f"the tensor count (4.5 min at {MAX_COMPILED_TENSORS:,} on a 2-core CPU); add --no-compile "
+                         f"above {MAX_COMPILED_TENSORS:,}")
+    smallest = min((SIZES[s] for s in sizes if SIZES[s] is not None), default=None)
+    if smallest is not None and args.tensors > smallest:
+        raise UsageError(f"--tensors {args.tensors}: more tensors than the {smallest:,} values of --sizes "
+                         f"{args.sizes} (each tensor holds at least one); expected 1 to {smallest:,}")
     if args.rounds < 1:
         raise UsageError(f"--rounds {args.rounds}: expected at least 1 round")
     try:
@@ -126,7 +142,25 @@ def check_args(args):
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     if device.type == "cuda" and not l2fast.build_info()["cuda"]:
         raise UsageError(f"--device {args.device}: this l2fast build has no CUDA kernels")
+    available = available_memory(device)
+    largest = max(sizes, key=lambda s: SIZES[s] or 0)
+    need = BYTES_PER_VALUE * (SIZES[largest] or 0)
+    if available is not None and need > available:
+        raise UsageError(f"--sizes {largest}: about {need / 1e9:.1f} GB ({BYTES_PER_VALUE} bytes a value: params, "
+                         f"grads, the copy's buffers, the seed's torch.cat), {available / 1e9:.1f} GB available on "
+                         f"{device}; leave out the larger sizes")
     return sizes, device
+
+
+def available_memory(device):
+    """Bytes the benchmark may still allocate on `device`, or None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def run(args):

@@ -123,7 +123,7 @@ def main(argv=None, extra_checks=()):
         return report
 
     versions = rep.versions()
-    with tempfile.TemporaryDirectory(prefix="l2fast-selftest-work-") as tmp:
+    with _cli.sigterm_raises(), tempfile.TemporaryDirectory(prefix="l2fast-selftest-work-") as tmp:  # as Ctrl-C
         ctx = Context(quick=args.quick, unavailable=unavailable, only=_names(args.only), skip=_names(args.skip),
                       tmp=Path(tmp))
         results = run_checks(checks, ctx, on_result=write)
