@@ -59,7 +59,14 @@ class PinnedPool {
     free_.emplace(b.bytes, b.ptr);
   }
 
-  int64_t bytes() const { return bytes_.load(std::memory_order_relaxed); }
+  // All the pool's bytes, or those held by graphs (not in the free list).
+  int64_t bytes(bool in_use) {
+    int64_t total = bytes_.load(std::memory_order_relaxed);
+    if (!in_use) return total;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [size, ptr] : free_) total -= static_cast<int64_t>(size);
+    return total;
+  }
 
  private:
   std::mutex mu_;
@@ -89,6 +96,7 @@ void tie_to_graph(PinnedBlock block, cudaStream_t stream) {
   C10_CUDA_CHECK(cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, &graph, nullptr, nullptr));
 #endif
   TORCH_INTERNAL_ASSERT(status == cudaStreamCaptureStatusActive && graph != nullptr);
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);  // not stream work
   auto* keep = new PinnedBlock(block);
   cudaUserObject_t object;
   const cudaError_t err = cudaUserObjectCreate(&object, keep, return_to_pool, 1, cudaUserObjectNoDestructorSync);
@@ -180,7 +188,7 @@ const void* upload_table(const void* bytes, int64_t n, cudaStream_t stream, bool
   return capturing ? upload_captured(bytes, n, stream, hold) : upload_cached(bytes, n, stream, hold);
 }
 
-int64_t pinned_table_bytes() { return pool().bytes(); }
+int64_t pinned_table_bytes(bool in_use) { return pool().bytes(in_use); }
 
 int64_t set_grid_limit(int64_t blocks) {
   TORCH_CHECK_VALUE(blocks >= 0, "l2fast_cuda.set_grid_limit: blocks is ", blocks, "; expected 0 (no limit) or more");
@@ -194,6 +202,6 @@ int64_t grid_limit() { return g_grid_limit.load(std::memory_order_relaxed); }
 
 // Internal counters and knobs for l2fast's tests and self-test (not part of the API).
 TORCH_LIBRARY(l2fast_cuda, m) {
-  m.def("pinned_table_bytes() -> int", &l2fast::mt::pinned_table_bytes);
+  m.def("pinned_table_bytes(bool in_use=False) -> int", &l2fast::mt::pinned_table_bytes);
   m.def("set_grid_limit(int blocks) -> int", &l2fast::mt::set_grid_limit);
 }

@@ -22,8 +22,9 @@ namespace mt {
 //    the graphs alive at once.
 const void* upload_table(const void* bytes, int64_t n, cudaStream_t stream, bool capturing, at::Tensor& hold);
 
-// Bytes of pinned memory in the capture pool (in use by live graphs, or free for the next capture).
-int64_t pinned_table_bytes();
+// Bytes of pinned memory in the capture pool: all of them (held by live graphs, or free for the
+// next capture), or only those held by graphs (`in_use`).
+int64_t pinned_table_bytes(bool in_use);
 
 // At most this many blocks per launch (0: no limit; the default). For tests: the result must not
 // depend on the grid. Returns the previous limit.
