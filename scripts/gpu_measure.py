@@ -242,9 +242,10 @@ def train_part(lines, results, args):
                         "worst_rel_loss_diff_to_cpu": worst})
     graphs = summaries["cuda --cuda-graphs"].get("train_seconds")
     worst = _compare(losses["cpu"], losses["cuda --cuda-graphs"])
-    log(f"\n--cuda-graphs: 5 epochs in {graphs} s (target <= 0.5 s: "
-        f"{'met' if graphs is not None and graphs <= 0.5 else 'MISSED'}); losses vs cpu "
-        f"{worst} (target <= {LOSS_RTOL:g}: {'met' if worst is not None and worst <= LOSS_RTOL else 'MISSED'})", lines)
+    log(f"\n--cuda-graphs: 5 epochs in {'(failed)' if graphs is None else f'{graphs:.3f}'} s (target <= 0.5 s: "
+        f"{'met' if graphs is not None and graphs <= 0.5 else 'MISSED'}); worst relative loss difference to cpu "
+        f"{'(n/a)' if worst is None else f'{worst:.1e}'} (target <= {LOSS_RTOL:g}: "
+        f"{'met' if worst is not None and worst <= LOSS_RTOL else 'MISSED'})", lines)
 
 
 def fsdp_part(lines, results, args):
@@ -261,7 +262,7 @@ def fsdp_part(lines, results, args):
     ok = worst is not None and worst <= LOSS_RTOL
     log(f"\n## One-process NCCL: torchrun --nproc_per_node=1 ... --parallel fsdp --device cuda\n\nexit {fsdp} "
         f"(single-process run: exit {single}); worst relative loss difference over 25 logged steps: "
-        f"{worst} (target <= {LOSS_RTOL:g}: {'met' if ok else 'MISSED'})", lines)
+        f"{'(n/a)' if worst is None else f'{worst:.1e}'} (target <= {LOSS_RTOL:g}: {'met' if ok else 'MISSED'})", lines)
     results.append({"part": "fsdp", "rc": fsdp, "single_rc": single, "worst_rel_loss_diff": worst})
 
 
