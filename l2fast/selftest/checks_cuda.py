@@ -330,7 +330,7 @@ def _sleep_cycles(seconds):
     torch.cuda._sleep(probe)
     end.record()
     end.synchronize()
-    return int(probe * seconds * 1000.0 / max(start.elapsed_time(end), 1e-3))
+    return probe * seconds * 1000.0 / max(start.elapsed_time(end), 1e-3)
 
 
 def host_ahead_check(sleep_s=0.05, n_calls=20):
@@ -368,27 +368,36 @@ def host_ahead_check(sleep_s=0.05, n_calls=20):
         for _, _, call in steady + changing[:2]:  # warm-up: modules, allocators, the steady tables
             call()
         torch.cuda.synchronize()
-        cycles = _sleep_cycles(sleep_s)
+        per_second = _sleep_cycles(1.0)
         lines, worst = [], 0.0
         for what, calls in (("steady lists (6, 100, 1,000 tensors)", steady), ("a new 1,000-tensor table per call",
                                                                                changing)):
             calls = (calls * n_calls)[:max(n_calls, len(calls))]
+            t0 = time.perf_counter()  # the calls' own host time, the GPU idle
+            for _, _, call in calls:
+                call()
+            plain_s = time.perf_counter() - t0
+            torch.cuda.synchronize()
+            # A call that waits for the GPU waits out most of the sleep: make the sleep long enough
+            # that half of it is far more than the calls' own time.
+            sleep = max(sleep_s, 5 * plain_s)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            torch.cuda._sleep(cycles)
+            torch.cuda._sleep(int(per_second * sleep))
             t0 = time.perf_counter()
             outs = [call() for _, _, call in calls]
             host_s = time.perf_counter() - t0
             end.record()
             gpu_busy = not end.query()
             end.synchronize()
-            lines.append(f"{what}: {len(calls)} calls returned in {host_s * 1e3:.2f} ms; the GPU finished "
-                         f"{start.elapsed_time(end):.1f} ms after its {sleep_s * 1e3:.0f} ms sleep was queued")
-            if not gpu_busy or host_s > sleep_s / 2:
+            lines.append(f"{what}: {len(calls)} calls returned in {host_s * 1e3:.2f} ms ({plain_s * 1e3:.2f} ms with "
+                         f"the GPU idle); the GPU finished {start.elapsed_time(end):.1f} ms after its "
+                         f"{sleep * 1e3:.0f} ms sleep was queued")
+            if not gpu_busy or host_s > sleep / 2:
                 raise CheckFailed(f"{what}: {len(calls)} calls took {host_s * 1e3:.1f} ms of host time behind a "
-                                  f"{sleep_s * 1e3:.0f} ms GPU sleep (the GPU was "
-                                  f"{'still busy' if gpu_busy else 'done'} after them): a call waited for the GPU",
-                                  output="\n".join(lines))
+                                  f"{sleep * 1e3:.0f} ms GPU sleep ({plain_s * 1e3:.1f} ms with the GPU idle; the "
+                                  f"GPU was {'still busy' if gpu_busy else 'done'} after them): a call waited for "
+                                  "the GPU", output="\n".join(lines))
             for (name, params, _), out in zip(calls, outs):  # computed right while the host ran ahead
                 if name == "l2_penalty_backward":
                     for i, (p, g) in enumerate(zip(params, out)):
