@@ -12,22 +12,25 @@
 # OUT_DIR/logs.tar.gz (refreshed after every step) holds everything, for a device tool that brings
 # back only a few files: copy those two.
 #
-# Estimated time per step on that machine (from CPU times measured on the 2-core development
-# machine, nothing measured on the H200 yet), and the cap each runs under:
-#   step       what                                                         estimate   cap
-#   versions   nvidia-smi (GPU, driver), torch, CUDA, nvcc, tools             5 s      20 s
-#   build      pip install --no-build-isolation --no-deps . (MAX_JOBS=cores)  100 s    240 s
-#   selftest   python -m l2fast.selftest --device cuda --skip bench           200 s    215 s
-#              --budget 200 (skips and reports what would not fit), with the
-#              4 compute-sanitizer runs beside its in-process checks
-#   tests      the CUDA tests (pytest -k cuda, not slow), beside selftest     (120 s)  215 s
-#   measure    scripts/gpu_measure.py: issue 16's numbers (kernel vs copy      60 s     90 s
-#              bandwidth at 1e8 fp32/bf16, MLP host/GPU µs and launches, 5 epochs
-#              with --cuda-graphs vs CPU losses, one-process NCCL FSDP)
-#   penalty    python -m l2fast.bench penalty --device cuda (mlp..100M)         60 s     90 s
-#   optim      python -m l2fast.bench optim --device cuda (if it exists)        30 s     45 s
-#   train      python -m l2fast.bench train --device cuda (eager, graphs)       40 s     60 s
-#   total                                                                    ~ 465 s    470 s
+# Estimated time per step on that machine, and the cap each runs under. Nothing has been timed on
+# the H200 yet: the build's estimate comes from CPU times measured on the 2-core development machine
+# (the longest compile, csrc/cuda/l2_penalty_kernel.cu, takes 64 s of CPU time; every other file
+# <= 38 s, and with MAX_JOBS=16 they compile side by side); the self-test's from its checks' own
+# estimates (`python -m l2fast.selftest --list`); the rest from what each step runs.
+#   step       what                                                          estimate   cap
+#   versions   nvidia-smi (GPU, driver, clocks, MIG), torch, CUDA, nvcc, tools      5 s     20 s
+#   build      pip install --no-index --no-build-isolation --no-deps .             90 s    240 s
+#   selftest   python -m l2fast.selftest --device cuda --skip bench --budget 180  180 s    195 s
+#              (skips and reports what would not fit; its 4 compute-sanitizer runs
+#              and 4 training-parity runs start beside its in-process checks)
+#   tests      the CUDA tests (pytest -k cuda -m "not slow"), beside selftest     (120 s)  195 s
+#   measure    scripts/gpu_measure.py: issue 16's numbers (kernel vs same-bytes    60 s     90 s
+#              copy at 1e8 fp32/bf16, MLP launches and host/GPU µs, 5 epochs with
+#              --cuda-graphs vs the CPU's losses, one-process NCCL FSDP)
+#   penalty    python -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M 60 s     90 s
+#   optim      python -m l2fast.bench optim --device cuda (when it exists)         30 s     45 s
+#   train      python -m l2fast.bench train --device cuda, then --cuda-graphs      25 s     60 s
+#   total                                                                       ~ 450 s    470 s
 # Optional, not in the default list: `ncu` (Nsight Compute, SpeedOfLight + Occupancy of the kernel
 # at 1e8 values, --clock-control none; ~40 s).
 set -uo pipefail
@@ -94,11 +97,11 @@ wanted build && run build 240 env MAX_JOBS="$CORES" "$PY" -m pip install --no-in
 if wanted selftest || wanted tests; then
     pids=()
     if wanted selftest; then
-        run selftest 215 "$PY" -m l2fast.selftest --device cuda --skip bench --budget 200 --out "$OUT/selftest" &
+        run selftest 195 "$PY" -m l2fast.selftest --device cuda --skip bench --budget 180 --out "$OUT/selftest" &
         pids+=($!)
     fi
     if wanted tests; then
-        run tests 215 bash -c "cd tests && exec $PY -m pytest -q -rs -p no:cacheprovider -k cuda -m 'not slow'" &
+        run tests 195 bash -c "cd tests && exec $PY -m pytest -q -rs -p no:cacheprovider -k cuda -m 'not slow'" &
         pids+=($!)
     fi
     wait "${pids[@]}"
