@@ -111,7 +111,8 @@ wanted measure && run measure 90 "$PY" scripts/gpu_measure.py --out "$OUT/measur
 wanted penalty && run penalty 90 "$PY" -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M
 if wanted optim; then
     if "$PY" -m l2fast.bench optim --help > "$OUT/logs/optim-help.log" 2>&1; then
-        run optim 45 "$PY" -m l2fast.bench optim --device cuda
+        # its options are its own: pass --device cuda only where it has one
+        run optim 45 "$PY" -m l2fast.bench optim $(grep -q -- "--device" "$OUT/logs/optim-help.log" && echo --device cuda)
     else
         echo "| optim | skipped: \`python -m l2fast.bench optim --help\` failed (not landed) | 0 | logs/optim-help.log |" >> "$OUT/summary.md"
     fi
