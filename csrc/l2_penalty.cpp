@@ -297,13 +297,19 @@ void check_layout(const char* op, const char* name, size_t i, const at::Tensor& 
 }
 
 void check_weights(const char* op, double weight, Weights weights, size_t n) {
+  // The kernels scale grads by (2·weight)·weights[i]: refused where that overflows float64, since an
+  // infinite scale turns a zero param's grad into NaN. Negative weights are allowed.
   TORCH_CHECK_VALUE(std::isfinite(weight), op, ": weight is ", weight, "; expected a finite number");
+  TORCH_CHECK_VALUE(std::isfinite(2.0 * weight), op, ": weight is ", weight, "; its gradient scale 2·weight "
+                    "overflows float64; expected |weight| <= ", std::numeric_limits<double>::max() / 2);
   if (!weights) return;
   TORCH_CHECK_VALUE(weights->size() == n, op, ": got ", weights->size(), " weights for ", n,
                     " params; expected one weight per param");
   for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(std::isfinite((*weights)[i]), op, ": weights[", i, "] is ", (*weights)[i],
-                      "; expected a finite number");
+    const double w = (*weights)[i];
+    TORCH_CHECK_VALUE(std::isfinite(w), op, ": weights[", i, "] is ", w, "; expected a finite number");
+    TORCH_CHECK_VALUE(std::isfinite(2.0 * weight * w), op, ": weights[", i, "] is ", w, " and weight is ", weight,
+                      "; the gradient scale 2·weight·weights[", i, "] overflows float64");
   }
 }
 

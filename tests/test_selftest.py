@@ -146,3 +146,36 @@ def test_usage_errors_are_one_line(capsys):
         assert cli(["--device", "cuda", "--only", "build"]) == 2
         err = capsys.readouterr().err
         assert "--device cuda" in err and err.count("\n") == 1
+
+
+def test_only_or_skip_matching_no_check_is_a_usage_error(tmp_path, capsys):
+    """`--only typo` used to run nothing and exit 0 (issue 18 item 16)."""
+    for flag in ("--only", "--skip"):
+        out = tmp_path / flag.strip("-")
+        assert cli([flag, "cpu float32 value,typo", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} typo: ") and err.count("\n") == 1, err
+        assert "sanitizer" in err and "cpu" in err  # the groups a name may match
+        assert not out.exists()
+
+
+def test_budget_skips_what_would_not_fit(tmp_path):
+    """--budget: a check whose estimate does not fit the time left is skipped, and says so."""
+    ran = []
+
+    def quick(ctx):
+        ran.append("quick")
+        return "done"
+
+    def slow(ctx):
+        ran.append("slow")
+        return "done"
+
+    checks = [Check("injected quick", quick, estimate=1), Check("injected slow", slow, estimate=10_000)]
+    rc = main(["--device", "cpu", "--only", "injected", "--budget", "60", "--out", str(tmp_path / "r")],
+              extra_checks=checks)
+    assert rc == 0 and ran == ["quick"]
+    results = {c["name"]: c for c in _report(tmp_path / "r")["checks"]}
+    assert results["injected quick"]["status"] == "pass"
+    slow_row = results["injected slow"]
+    assert slow_row["status"] == "skip" and "--budget 60" in slow_row["detail"] and "10000 s" in slow_row["detail"]

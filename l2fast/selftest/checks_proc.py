@@ -29,14 +29,15 @@ def _tail(text, lines=6):
     return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
 
 
-def _run(cmd, timeout, cwd=None, env=None):
+def _run(cmd, ctx, timeout, cwd=None, env=None):
     start = time.perf_counter()
+    limit = _deadline(ctx, timeout) - time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=limit,
                               stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        raise CheckFailed(f"`{' '.join(map(str, cmd[-6:]))}` timed out after {timeout} s: {_tail(out)}") from None
+        raise _out_of_time(ctx, f"`{' '.join(map(str, cmd[-6:]))}` ({_tail(out, 2)})", limit) from None
     return proc, time.perf_counter() - start
 
 
@@ -79,6 +80,30 @@ class _Background:
 
 
 SANITIZER_SECONDS = 540
+BUDGET_MARGIN = 5.0  # seconds kept for writing the report after the last child is stopped
+
+
+def _deadline(ctx, seconds):
+    """time.monotonic() by which a child must end: `seconds` from now, or sooner under --budget."""
+    left = ctx.time_left()
+    if left is not None:
+        seconds = min(seconds, left - BUDGET_MARGIN)
+    return time.monotonic() + max(seconds, 1.0)
+
+
+def _out_of_time(ctx, what, seconds):
+    """The check's outcome when its child was stopped: a skip if --budget stopped it, else a failure."""
+    if ctx.budget is not None:
+        return Skip(f"--budget {ctx.budget:g}: {what} stopped after {seconds:.0f} s, at the end of the budget")
+    return CheckFailed(f"{what}: still running after {seconds:.0f} s")
+
+
+def start_background(ctx):
+    """Start the long child processes now (those selected), so that they run beside the in-process
+    checks: the compute-sanitizer runs and the training-parity runs."""
+    _sanitizers(ctx)
+    if "cuda" not in ctx.unavailable and not_selected(TRAIN_PARITY, ctx) is None:
+        _train_runs(ctx)
 
 
 def _sanitizers(ctx):
@@ -86,7 +111,7 @@ def _sanitizers(ctx):
     time of the slowest rather than the sum."""
     if "sanitizers" not in ctx.state:
         exe, runs = find_sanitizer(), {}
-        if exe is not None:
+        if exe is not None and "cuda" not in ctx.unavailable:
             for tool in SANITIZER_TOOLS:
                 if not_selected(sanitizer_name(tool), ctx) is not None:
                     continue
@@ -97,7 +122,7 @@ def _sanitizers(ctx):
                 cmd = [exe, "--tool", tool, "--error-exitcode", str(SANITIZER_EXIT), "--print-limit", "20",
                        sys.executable, "-m", "l2fast.selftest.driver", "cuda"]
                 runs[tool] = _Background(cmd, ctx.tmp / f"sanitizer-{tool}.log", ctx, env)
-        ctx.state["sanitizers"] = (exe, runs, time.monotonic() + SANITIZER_SECONDS)
+        ctx.state["sanitizers"] = (exe, runs, _deadline(ctx, SANITIZER_SECONDS))
     return ctx.state["sanitizers"]
 
 
@@ -112,8 +137,7 @@ def sanitizer_check(tool):
             raise Skip("compute-sanitizer is not on PATH (nor in $CUDA_HOME/bin or /usr/local/cuda/bin)")
         rc, out, seconds = runs[tool].wait(deadline)
         if rc is None:
-            raise CheckFailed(f"{tool}: still running after {SANITIZER_SECONDS} s (all tools run at once): "
-                              f"{_tail(out)}")
+            raise _out_of_time(ctx, f"{tool} (all tools run at once; {_tail(out, 2)})", seconds)
         summary = [line.strip("= ").strip() for line in out.splitlines() if "SUMMARY" in line]
         if rc != 0 or "selftest driver: ok" not in out:
             errors = [line.strip("= ").strip() for line in out.splitlines()
@@ -122,7 +146,8 @@ def sanitizer_check(tool):
             raise CheckFailed(f"{tool}: {why}: {' | '.join(errors) or _tail(out)}")
         return f"{'; '.join(summary) or 'no errors'} ({seconds:.0f} s under {tool})"
 
-    return Check(sanitizer_name(tool), fn, "cuda")
+    # It waits for a child started beside the in-process checks, at most until the budget ends.
+    return Check(sanitizer_name(tool), fn, "cuda", estimate=0.0)
 
 
 # --- training parity -------------------------------------------------------------------------------
@@ -142,23 +167,35 @@ def _losses(path):
     return {r["step"]: r["loss"] for r in records if "loss" in r and "step" in r}
 
 
-def train_parity_check():
-    def fn(ctx):
+TRAIN_PARITY = "cuda train parity: eager, graphs, compile, cpu"
+
+
+def _train_runs(ctx):
+    """The four training runs, started together on first use: they share nothing but the machine."""
+    if "train" not in ctx.state:
         steps = 60 if ctx.quick else 200  # 200 crosses the sample's 125-step epoch: a new permutation
         common = ["--max-steps", str(steps), "--log-every", "10", "--dataset", "sample", "--no-progress"]
         runs = {}
-        for name, flags in TRAIN_RUNS.items():  # all four at once: they share nothing but the machine
+        for name, flags in TRAIN_RUNS.items():
             tag = name.replace(" ", "_").replace("-", "")
             metrics = ctx.tmp / f"train-{tag}.jsonl"
             cmd = [sys.executable, "-m", "l2fast.train", *flags, *common, "--out", str(ctx.tmp / f"run-{tag}"),
                    "--metrics", str(metrics)]
             runs[name] = (_Background(cmd, ctx.tmp / f"train-{tag}.log", ctx), metrics)
-        deadline = time.monotonic() + TRAIN_SECONDS
+        ctx.state["train"] = (steps, runs, _deadline(ctx, TRAIN_SECONDS))
+    return ctx.state["train"]
+
+
+def train_parity_check():
+    def fn(ctx):
+        steps, runs, deadline = _train_runs(ctx)
         losses, failures = {}, []
         for name, (run, metrics) in runs.items():
-            rc, out, _ = run.wait(deadline)
+            rc, out, seconds = run.wait(deadline)
+            if rc is None:
+                raise _out_of_time(ctx, f"{name} training ({_tail(out, 2)})", seconds)
             if rc != 0:
-                failures.append(f"{name}: {'timed out' if rc is None else f'exit {rc}'}: {_tail(out, 3)}")
+                failures.append(f"{name}: exit {rc}: {_tail(out, 3)}")
             else:
                 losses[name] = _losses(metrics)
         if failures:
@@ -179,25 +216,26 @@ def train_parity_check():
                               f"{summary}", output=table)
         return f"{steps} steps, {len(base)} logged losses; max relative difference to cuda eager: {summary}", table
 
-    return Check("cuda train parity: eager, graphs, compile, cpu", fn, "cuda")
+    # Started beside the in-process checks (start_background); the check waits, at most until the budget ends.
+    return Check(TRAIN_PARITY, fn, "cuda", estimate=0.0)
 
 
 # --- benchmarks ------------------------------------------------------------------------------------
 
-def bench_check(name, args, timeout=600):
+def bench_check(name, args, timeout=600, estimate=60.0):
     def fn(ctx):
         cmd = [sys.executable, "-m", "l2fast.bench", *args]
-        proc, seconds = _run(cmd, timeout=timeout, cwd=ctx.tmp)
+        proc, seconds = _run(cmd, ctx, timeout, cwd=ctx.tmp)
         if proc.returncode != 0:
             raise CheckFailed(f"`python -m l2fast.bench {' '.join(args)}` exit {proc.returncode}: "
                               f"{_tail(proc.stdout + proc.stderr)}")
         return f"`python -m l2fast.bench {' '.join(args)}` in {seconds:.0f} s; table in report.md", proc.stdout
 
-    return Check(name, fn, "cuda", bench=True)
+    return Check(name, fn, "cuda", bench=True, estimate=estimate)
 
 
 def checks():
     return [*(sanitizer_check(t) for t in SANITIZER_TOOLS), train_parity_check(),
-            bench_check("cuda bench penalty", ["penalty", "--device", "cuda"]),
-            bench_check("cuda bench train", ["train", "--device", "cuda"]),
-            bench_check("cuda bench train --cuda-graphs", ["train", "--device", "cuda", "--cuda-graphs"])]
+            bench_check("cuda bench penalty", ["penalty", "--device", "cuda"], estimate=90.0),
+            bench_check("cuda bench train", ["train", "--device", "cuda"], estimate=40.0),
+            bench_check("cuda bench train --cuda-graphs", ["train", "--device", "cuda", "--cuda-graphs"], estimate=40.0)]

@@ -1,13 +1,61 @@
 """A small CUDA workload for compute-sanitizer: `python -m l2fast.selftest.driver [cuda|cpu]`.
 
 Every op, dtype and mode at chunk boundaries, views, zero-size tensors, 1,000 tensors, per-tensor
-weights, a CUDA graph replay and two streams, each checked against float64 (exit 1 if wrong).
-Small on purpose: under racecheck every shared-memory access is tracked.
+weights, a CUDA graph replay and two streams, each checked against float64 (exit 1 if wrong). And
+what the small cases never reach: a ~20 MB tensor (64 KB chunks, so the kernel's unrolled 4x16-byte
+loop runs) with a view of it at an odd element offset (element loads), beside 1,500 one-element
+tensors (more chunks than blocks: every block walks on to further chunks, reusing its shared
+memory), in float32, float16 and bfloat16, in every mode.
+Small otherwise: under racecheck every shared-memory access is tracked.
 """
 import os
 import sys
 
 import torch
+
+BIG_BYTES = 20 << 20
+N_ONES = 1500
+
+
+def main_loop_and_walk(dev, ref):
+    """A ~20 MB tensor, a view of another at an odd element offset and 1,500 one-element tensors, in
+    one call per mode and dtype; checked through concatenations (a check per tensor would be slow
+    under the sanitizers)."""
+    import l2fast
+
+    from . import refs
+
+    w = refs.WEIGHT
+    for d, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16)):
+        n = BIG_BYTES // torch.tensor([], dtype=dtype).element_size()
+        big = refs.randn((n,), dtype, dev, 10 + d)
+        odd = refs.randn((n // 2 + 1,), dtype, dev, 20 + d)[1:]  # starts one element in: not 16-byte aligned
+        ones = refs.randn((N_ONES,), dtype, dev, 30 + d)
+        params = [big, odd, *ones.split(1)]
+        flat = [big, odd, ones]  # the same values, three tensors for the reference
+
+        def grads_like(seed, fill=None):
+            gs = [refs.randn(t.shape, dtype, dev, seed + k) if fill is None else torch.full_like(t, fill)
+                  for k, t in enumerate(flat)]
+            return gs, [gs[0], gs[1], *gs[2].split(1)]
+
+        expected = w * ref.sq_norm(flat)
+        refs.check_value("l2_penalty (value)", l2fast.l2_penalty(params, w), expected, params, dev)
+        refs.check_value("sq_norm", l2fast.sq_norm(params), ref.sq_norm(flat), params, dev)
+        for fresh in (False, True):  # accumulate into existing grads; overwrite NaN-filled ones
+            gflat, grads = grads_like(40 + d, float("nan") if fresh else None)
+            old = None if fresh else [g.clone() for g in gflat]
+            value = torch.ops.l2fast.l2_penalty_(params, grads, w, list(range(len(params))) if fresh else [])
+            refs.check_value("l2_penalty_", value, expected, params, dev)
+            for k, (g, t) in enumerate(zip(gflat, flat)):
+                refs.check_grad_update(f"grads ({dtype}, part {k})", g, None if fresh else old[k], t, 2 * w, ref)
+        bgrads = torch.ops.l2fast.l2_penalty_backward(torch.tensor(0.5, device=dev), params, w)
+        for k, (g, t) in enumerate(zip([bgrads[0], bgrads[1], torch.cat(bgrads[2:])], flat)):
+            refs.check_grad_update(f"backward ({dtype}, part {k})", g, None, t, w, ref)
+        leaves = [p.detach().requires_grad_() for p in params]
+        agrads = torch.autograd.grad(l2fast.l2_penalty(leaves, w), leaves)
+        for k, (g, t) in enumerate(zip([agrads[0], agrads[1], torch.cat(agrads[2:])], flat)):
+            refs.check_grad_update(f"autograd ({dtype}, part {k})", g, None, t, 2 * w, ref)
 
 
 def main(argv=None):
@@ -44,6 +92,7 @@ def main(argv=None):
     kept = torch.cat([torch.full_like(g, k % 2) for k, g in enumerate(grads)]).bool()  # odd: not fresh
     refs.check_grad_update("1,000 tensors' grads", torch.cat(grads), torch.where(kept, flat_g, 0), flat_p,
                            2 * refs.WEIGHT, ref)
+    main_loop_and_walk(dev, ref)
     if device == "cpu":
         print("selftest driver: ok", flush=True)
         return 0

@@ -23,13 +23,15 @@ class Check:
     """One row of the report. `fn(ctx)` returns a one-line detail (or (detail, output) where output is a
     multi-line text such as a benchmark table), raises Skip(reason), or raises on failure.
     `device` names what it needs ("cuda": skipped with the reason where CUDA is unavailable);
-    `bench`: skipped by --quick."""
+    `bench`: skipped by --quick; `estimate`: the seconds it takes on a 16-core machine with an
+    H200 (None: DEFAULT_ESTIMATE), which --budget compares with the time left."""
 
     name: str
     fn: object
     device: str = "cpu"
     bench: bool = False
     always: bool = False  # run even when --only/--skip would leave it out (the build row)
+    estimate: float = None
 
 
 @dataclasses.dataclass
@@ -59,6 +61,15 @@ class Context:
     stream: object = None  # where the table goes (default sys.stdout)
     state: dict = dataclasses.field(default_factory=dict)  # shared between checks (processes started early)
     cleanup: list = dataclasses.field(default_factory=list)  # callables run when the checks end, whatever happens
+    budget: float = None  # seconds the whole run may take (--budget), counted from `started`
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def time_left(self):
+        """Seconds left of --budget (None without one)."""
+        return None if self.budget is None else self.budget - (time.monotonic() - self.started)
+
+
+DEFAULT_ESTIMATE = 2.0
 
 
 def _one_line(text, limit=400):
@@ -81,6 +92,10 @@ def run_check(check, ctx):
     reason = (None if check.always else not_selected(check.name, ctx)) or ctx.unavailable.get(check.device)
     if reason is None and check.bench and ctx.quick:
         reason = "--quick skips the benchmarks"
+    left = ctx.time_left()
+    estimate = DEFAULT_ESTIMATE if check.estimate is None else check.estimate
+    if reason is None and left is not None and not check.always and estimate > left:
+        reason = f"--budget {ctx.budget:g}: needs about {estimate:.0f} s, {max(left, 0):.0f} s left"
     if reason is not None:
         return Result(check.name, "skip", reason, 0.0)
     start = time.perf_counter()
