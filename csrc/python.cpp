@@ -29,9 +29,10 @@ bool plain(const at::Tensor& t) {
 constexpr const char* kCapsule = "l2fast.Validated";
 
 // Whether `groups` (L2Penalty.param_groups) is still what `watch` recorded when the penalty was built:
-// a tuple of (group dict, its "params" list, a tuple of that list's items, its "weight" or `missing`)
-// per group. The recorded objects are held by `watch`, so none can be freed and another take its
-// address: comparing addresses is comparing identities, as L2Penalty._stale does in Python.
+// a tuple of (group dict, its "params" list, a tuple of that list's items, its "weight" or `missing`,
+// a tuple of its keys) per group. The recorded objects are held by `watch`, so none can be freed and
+// another take its address: comparing addresses is comparing identities, as L2Penalty._stale does in
+// Python. The keys are compared so that a key added later (a typo) is refused at the next call.
 bool unchanged(PyObject* groups, PyObject* watch, PyObject* missing) {
   static PyObject* const kParams = PyUnicode_InternFromString("params");
   static PyObject* const kWeight = PyUnicode_InternFromString("weight");
