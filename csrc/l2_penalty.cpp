@@ -93,7 +93,10 @@ Plan checked_plan(const char* op, const char* name, at::TensorList params, const
   plan.segments.reserve(params.size());
   const bool check_memory = grads && !own_grads;
   MemoryCheck memory({{name, false}, {"grads", true}});
-  if (check_memory) memory.reserve(2 * params.size());
+  if (check_memory) {
+    memory.reserve(0, params.size());
+    memory.reserve(1, params.size());
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (!own_grads) check_param(op, name, params, i);

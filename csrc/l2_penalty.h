@@ -80,8 +80,8 @@ class MemoryCheck {
     bool dense;  // its elements fill [begin, end)
   };
 
-  explicit MemoryCheck(c10::ArrayRef<List> lists) : lists_(lists.begin(), lists.end()) {}
-  void reserve(size_t n) { extents_.reserve(n); }
+  explicit MemoryCheck(c10::ArrayRef<List> lists) : lists_(lists.begin(), lists.end()), extents_(lists.size()) {}
+  void reserve(size_t list, size_t n) { extents_[list].reserve(n); }
   // lists[list][index] is t. Undefined and empty tensors hold no memory: skipped.
   void add(size_t list, size_t index, const at::Tensor& t);
   // Throws a ValueError naming the first conflict found; nothing else.
@@ -91,7 +91,10 @@ class MemoryCheck {
   void refuse(const char* op, const Extent& a, const Extent& b) const;
 
   c10::SmallVector<List, 4> lists_;
-  std::vector<Extent> extents_;
+  // Per list: each list comes sorted, or nearly (allocation order), and is sorted on its own; check()
+  // walks them merged. One vector for all would be sorted in more passes (its runs are the lists' runs
+  // together), measured 16% more validation time for 100,000 params and grads.
+  c10::SmallVector<std::vector<Extent>, 4> extents_;
 };
 
 void check_no_shared_memory(const char* op, std::initializer_list<MemoryCheck::Tensors> lists);

@@ -266,32 +266,44 @@ void MemoryCheck::add(size_t list, size_t index, const at::Tensor& t) {
     for (size_t k = 0; k < sizes.size(); ++k) span += (sizes[k] - 1) * strides[k];
   }
   const c10::Device device = impl->device();
-  extents_.push_back({begin, begin + static_cast<uintptr_t>(span * item), impl, static_cast<uint32_t>(index),
-                      static_cast<int16_t>(static_cast<int>(device.type()) << 8 | static_cast<uint8_t>(device.index())),
-                      static_cast<uint8_t>(list), lists_[list].written, dense});
+  extents_[list].push_back({begin, begin + static_cast<uintptr_t>(span * item), impl, static_cast<uint32_t>(index),
+                            static_cast<int16_t>(static_cast<int>(device.type()) << 8 |
+                                                 static_cast<uint8_t>(device.index())),
+                            static_cast<uint8_t>(list), lists_[list].written, dense});
 }
 
 void MemoryCheck::check(const char* op) {
   auto before = [](const Extent& x, const Extent& y) {
     return x.device != y.device ? x.device < y.device : x.begin < y.begin;
   };
-  sort_runs(extents_, before);
+  for (auto& v : extents_) sort_runs(v, before);
+  c10::SmallVector<size_t, 4> next(extents_.size(), 0);
+  // The component being gathered: extents in order of begin, each intersecting the range before it.
   std::vector<const Extent*> members;
-  for (size_t s = 0; s < extents_.size();) {
-    uintptr_t hi = extents_[s].end;
-    size_t e = s + 1;
-    while (e < extents_.size() && extents_[e].device == extents_[s].device && extents_[e].begin < hi) {
-      hi = std::max(hi, extents_[e].end);
-      ++e;
-    }
-    if (e - s > 1 || (extents_[s].written && !extents_[s].dense)) {
-      members.clear();
-      for (size_t k = s; k < e; ++k) members.push_back(&extents_[k]);
+  uintptr_t hi = 0;
+  auto decide = [&] {
+    if (members.size() > 1 || (members[0]->written && !members[0]->dense)) {
       const Conflict c = component_conflict(members, hi);
       if (c.found()) refuse(op, *members[c.a], *members[c.b]);
     }
-    s = e;
+    members.clear();
+  };
+  for (;;) {
+    const Extent* e = nullptr;  // the next extent of the lists merged
+    size_t from = 0;
+    for (size_t k = 0; k < extents_.size(); ++k) {
+      if (next[k] < extents_[k].size() && (!e || before(extents_[k][next[k]], *e))) {
+        e = &extents_[k][next[k]];
+        from = k;
+      }
+    }
+    if (!e) break;
+    ++next[from];
+    if (!members.empty() && (e->device != members[0]->device || e->begin >= hi)) decide();
+    hi = members.empty() ? e->end : std::max(hi, e->end);
+    members.push_back(e);
   }
+  if (!members.empty()) decide();
 }
 
 void MemoryCheck::refuse(const char* op, const Extent& a, const Extent& b) const {
@@ -315,15 +327,11 @@ void MemoryCheck::refuse(const char* op, const Extent& a, const Extent& b) const
 
 void check_no_shared_memory(const char* op, std::initializer_list<MemoryCheck::Tensors> lists) {
   c10::SmallVector<MemoryCheck::List, 4> roles;
-  size_t n = 0;
-  for (const auto& l : lists) {
-    roles.push_back({l.name, l.written});
-    n += l.tensors.size();
-  }
+  for (const auto& l : lists) roles.push_back({l.name, l.written});
   MemoryCheck memory(roles);
-  memory.reserve(n);
   size_t k = 0;
   for (const auto& l : lists) {
+    memory.reserve(k, l.tensors.size());
     for (size_t i = 0; i < l.tensors.size(); ++i) memory.add(k, i, l.tensors[i]);
     ++k;
   }
