@@ -349,6 +349,8 @@ class TestBadInput:
     def test_mixed_devices(self):
         with pytest.raises(ValueError, match=r"tensors\[1\] is on meta but tensors\[0\] is on cpu"):
             torch.ops.l2fast.sq_norm([torch.randn(2), torch.randn(2, device="meta")])
+        with pytest.raises(TypeError, match=r"sq_norm: tensors\[0\] is a torch.sparse_coo tensor"):
+            torch.ops.l2fast.sq_norm([torch.randn(2).to_sparse()])
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode(), pytest.raises(ValueError, match=r"tensors\[1\] is on meta but tensors\[0\]"):
