@@ -354,17 +354,17 @@ class TestVersionCounters:
 
 class TestLayouts:
     @pytest.mark.parametrize("make, message", [
-        (lambda: torch.randn(3).to_sparse(), r"params\[1\] is a torch.sparse_coo tensor; .*dense"),
-        (lambda: torch.randn(3, 3).to_sparse_csr(), r"params\[1\] is a torch.sparse_csr tensor"),
+        (lambda: torch.randn(3).to_sparse(), r"{}\[1\] is a torch.sparse_coo tensor; .*dense"),
+        (lambda: torch.randn(3, 3).to_sparse_csr(), r"{}\[1\] is a torch.sparse_csr tensor"),
         (lambda: torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8),
-         r"params\[1\] is a quantized tensor \(dtype QInt8\)"),
+         r"{}\[1\] is a quantized tensor \(dtype QInt8\)"),
     ])
     def test_named_not_called_a_device(self, make, message):
         params = [torch.randn(3), make()]
         grads = [torch.zeros(3), torch.zeros(3) if params[1].dim() == 1 else torch.zeros(3, 3)]
-        for call in (lambda: OPS.sq_norm(params), lambda: OPS.l2_penalty(params, 0.1),
-                     lambda: untouched([grads[0]], lambda: OPS.l2_penalty_(params, grads, 0.1))):
-            with pytest.raises(TypeError, match=message):
+        for call, name in ((lambda: OPS.sq_norm(params), "tensors"), (lambda: OPS.l2_penalty(params, 0.1), "params"),
+                           (lambda: untouched([grads[0]], lambda: OPS.l2_penalty_(params, grads, 0.1)), "params")):
+            with pytest.raises(TypeError, match=message.format(name)):  # sq_norm's argument is `tensors`
                 call()
 
     def test_sparse_grad(self):
