@@ -156,6 +156,13 @@ class Bitmap {
 
   // The first bit of [lo, hi) that is set (-1: none); with `set`, sets the bits it passed.
   int64_t first_set(int64_t lo, int64_t hi, bool set) {
+    if (hi - lo == 1) {  // one element of the unit's size: the common case of strided views
+      uint64_t& word = words_[static_cast<size_t>(lo >> 6)];
+      const uint64_t bit = uint64_t(1) << (lo & 63);
+      if (word & bit) return lo;
+      if (set) word |= bit;
+      return -1;
+    }
     const int64_t last = (hi - 1) >> 6;
     for (int64_t w = lo >> 6; w <= last; ++w) {
       uint64_t mask = ~uint64_t(0);
@@ -172,17 +179,18 @@ class Bitmap {
   std::vector<uint64_t> words_;
 };
 
-// Whether member m has an element on `unit` (units of `unit_bytes` from `lo`).
-bool covers(const Extent& m, uintptr_t lo, int64_t unit_bytes, int64_t unit) {
+// Whether member m has an element on unit `unit` (units of 2^shift bytes from `lo`).
+bool covers(const Extent& m, uintptr_t lo, int shift, int64_t unit) {
   const int64_t start = static_cast<int64_t>(m.begin - lo);
   return !for_each_run(*m.t, [&](int64_t off, int64_t bytes) {
-    return !((start + off) / unit_bytes <= unit && unit < (start + off + bytes) / unit_bytes);
+    return !((start + off) >> shift <= unit && unit < (start + off + bytes) >> shift);
   });
 }
 
 // The exact answer for a component whose members' ranges intersect: its elements enumerated once.
 Conflict exact(const std::vector<const Extent*>& members, uintptr_t lo, uintptr_t hi) {
-  // The unit: the largest number of bytes that every element's start and size are multiples of.
+  // The unit: the largest number of bytes that every element's start and size are multiples of (a
+  // power of 2, as it divides an element size).
   int64_t unit = 0, units = 0;  // units: the elements' units, summed
   for (const Extent* m : members) {
     const int64_t item = static_cast<int64_t>(m->t->itemsize());
@@ -191,6 +199,7 @@ Conflict exact(const std::vector<const Extent*>& members, uintptr_t lo, uintptr_
   }
   for (const Extent* m : members) units += m->t->numel() * static_cast<int64_t>(m->t->itemsize()) / unit;
   const int64_t span = static_cast<int64_t>(hi - lo) / unit;
+  const int shift = static_cast<int>(c10::llvm::countTrailingZeros(static_cast<uint64_t>(unit)));
   auto written = [&members](size_t k) { return members[k]->written; };
 
   if (span / 64 > units) {  // a bitmap would dwarf the elements: sort their runs instead
@@ -216,13 +225,13 @@ Conflict exact(const std::vector<const Extent*>& members, uintptr_t lo, uintptr_
     const int64_t start = static_cast<int64_t>(m.begin - lo);
     int64_t hit = -1;
     for_each_run(*m.t, [&](int64_t off, int64_t bytes) {
-      hit = bits.first_set((start + off) / unit, (start + off + bytes) / unit, m.written);
+      hit = bits.first_set((start + off) >> shift, (start + off + bytes) >> shift, m.written);
       return hit < 0;
     });
     if (hit < 0) continue;
     // Who marked it: an earlier written member, or else (when m is written) m itself.
     for (size_t q = 0; q < pos && members[order[q]]->written; ++q) {
-      if (covers(*members[order[q]], lo, unit, hit)) return {order[q], order[pos]};
+      if (covers(*members[order[q]], lo, shift, hit)) return {order[q], order[pos]};
     }
     return {order[pos], order[pos]};
   }
