@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <c10/util/SmallVector.h>
+
+#include <initializer_list>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -45,6 +48,57 @@ struct Plan {
 // scale = 2 * weight * w_s * (*grad_out if given).
 using RunKernel = at::Tensor (*)(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce);
 
+// Refuses any tensor the op writes that shares a byte of memory with another tensor of the call, or
+// with itself, naming both (`grads[1] shares memory with params[0]`, `grads[1] has elements that share
+// memory`); tensors that are only read may share memory with each other. Exact at any size: tensors are
+// placed by the address of their data (not by storage object), grouped into components of intersecting
+// byte ranges in O(n log n), and only the elements of a component that holds a written tensor and is
+// not decided by its ranges are enumerated, once. For one list at a time, in one call:
+//   check_no_shared_memory(op, {{"params", params, false}, {"grads", grads, true}});
+// or, to add each tensor while another pass over the lists has it in cache, add() then check().
+class MemoryCheck {
+ public:
+  struct List {
+    const char* name;  // as errors name it: "grads"
+    bool written;      // the op writes these tensors
+  };
+  struct Tensors {
+    const char* name;
+    at::TensorList tensors;
+    bool written;
+  };
+  // Where one non-empty tensor's bytes lie: [begin, end), from its first element's first byte to its
+  // last element's last byte.
+  struct Extent {
+    uintptr_t begin;
+    uintptr_t end;
+    const c10::TensorImpl* t;  // alive until check() returns: the caller's tensors
+    uint32_t index;
+    int16_t device;  // type and index
+    uint8_t list;
+    bool written;
+    bool dense;  // its elements fill [begin, end)
+  };
+
+  explicit MemoryCheck(c10::ArrayRef<List> lists) : lists_(lists.begin(), lists.end()), extents_(lists.size()) {}
+  void reserve(size_t list, size_t n) { extents_[list].reserve(n); }
+  // lists[list][index] is t. Undefined and empty tensors hold no memory: skipped.
+  void add(size_t list, size_t index, const at::Tensor& t);
+  // Throws a ValueError naming the first conflict found; nothing else.
+  void check(const char* op);
+
+ private:
+  void refuse(const char* op, const Extent& a, const Extent& b) const;
+
+  c10::SmallVector<List, 4> lists_;
+  // Per list: each list comes sorted, or nearly (allocation order), and is sorted on its own; check()
+  // walks them merged. One vector for all would be sorted in more passes (its runs are the lists' runs
+  // together), measured 16% more validation time for 100,000 params and grads.
+  c10::SmallVector<std::vector<Extent>, 4> extents_;
+};
+
+void check_no_shared_memory(const char* op, std::initializer_list<MemoryCheck::Tensors> lists);
+
 // Rejects a tensor that is not dense (sparse, mkldnn, ...) or is quantized, naming its layout.
 void check_layout(const char* op, const char* name, size_t i, const at::Tensor& t);
 // Rejects a non-finite `weight`, a `weights` list whose length is not n, or a non-finite entry.
@@ -58,12 +112,14 @@ std::vector<at::Tensor> l2_penalty_backward_impl(const at::Tensor& grad, at::Ten
 at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, double weight,
                                    at::IntArrayRef fresh, Weights weights, RunKernel run);
 
-// What the last successful validation of one caller's (params, grads, weight) depended on: every
-// tensor's identity, storage and offset, dtype, device, sizes and strides. A caller that passes the same tensors
-// again and again (L2Penalty) keeps one, and while nothing in it changes the checks are skipped.
+// What the last successful validation of one caller's (params, grads, weight, weights) depended on:
+// every tensor's data address, dtype, device, sizes and strides, and the weights. A caller that passes
+// the same tensors again and again (L2Penalty) keeps one, and while nothing in it changes the checks
+// (the shared-memory check included) are skipped.
 struct Validated {
   std::vector<int64_t> key;
-  std::mutex busy;  // two threads with one cache: the second validates in full and keeps nothing
+  bool in_place = false;  // the plan read and wrote the caller's tensors only (no stand-ins)
+  std::mutex busy;        // two threads with one cache: the second validates in full and keeps nothing
 };
 
 // l2_penalty_inplace_impl with a Validated cache.

@@ -68,12 +68,13 @@ void refuse_unsupported(const char* op, const char* name, at::TensorList tensors
   }
 }
 
-at::Tensor zero_if_empty(const char* op, at::TensorList params, double weight = 1.0, l2fast::Weights weights = {},
-                         at::TensorList grads = {}) {
+// name: the list as the op's schema calls it ("params", or sq_norm's "tensors").
+at::Tensor zero_if_empty(const char* op, const char* name, at::TensorList params, double weight = 1.0,
+                         l2fast::Weights weights = {}, at::TensorList grads = {}) {
   l2fast::check_weights(op, weight, weights, params.size());
-  refuse_unsupported(op, "params", params);
+  refuse_unsupported(op, name, params);
   refuse_unsupported(op, "grads", grads);
-  TORCH_CHECK_NOT_IMPLEMENTED(params.empty(), op, ": params[0] is on ", params[0].device(),
+  TORCH_CHECK_NOT_IMPLEMENTED(params.empty(), op, ": ", name, "[0] is on ", params[0].device(),
                               "; l2fast has kernels for ", kKernelDevices, " tensors only");
   return at::zeros({}, at::kFloat);
 }
@@ -82,15 +83,15 @@ at::Tensor zero_if_empty(const char* op, at::TensorList params, double weight = 
 
 TORCH_LIBRARY_IMPL(l2fast, CompositeExplicitAutograd, m) {
   using l2fast::Weights;
-  m.impl("sq_norm", [](at::TensorList t) { return zero_if_empty("l2fast.sq_norm", t); });
+  m.impl("sq_norm", [](at::TensorList t) { return zero_if_empty("l2fast.sq_norm", "tensors", t); });
   m.impl("l2_penalty", [](at::TensorList p, double w, Weights ws) {
-    return zero_if_empty("l2fast.l2_penalty", p, w, ws);
+    return zero_if_empty("l2fast.l2_penalty", "params", p, w, ws);
   });
   m.impl("l2_penalty_backward", [](const at::Tensor&, at::TensorList p, double w, Weights ws) {
-    zero_if_empty("l2fast.l2_penalty_backward", p, w, ws);
+    zero_if_empty("l2fast.l2_penalty_backward", "params", p, w, ws);
     return std::vector<at::Tensor>();
   });
   m.impl("l2_penalty_", [](at::TensorList p, at::TensorList g, double w, at::IntArrayRef, Weights ws) {
-    return zero_if_empty("l2fast.l2_penalty_", p, w, ws, g);
+    return zero_if_empty("l2fast.l2_penalty_", "params", p, w, ws, g);
   });
 }

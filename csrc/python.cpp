@@ -29,9 +29,10 @@ bool plain(const at::Tensor& t) {
 constexpr const char* kCapsule = "l2fast.Validated";
 
 // Whether `groups` (L2Penalty.param_groups) is still what `watch` recorded when the penalty was built:
-// a tuple of (group dict, its "params" list, a tuple of that list's items, its "weight" or `missing`)
-// per group. The recorded objects are held by `watch`, so none can be freed and another take its
-// address: comparing addresses is comparing identities, as L2Penalty._stale does in Python.
+// a tuple of (group dict, its "params" list, a tuple of that list's items, its "weight" or `missing`,
+// a tuple of its keys) per group. The recorded objects are held by `watch`, so none can be freed and
+// another take its address: comparing addresses is comparing identities, as L2Penalty._stale does in
+// Python. The keys are compared so that a key added later (a typo) is refused at the next call.
 bool unchanged(PyObject* groups, PyObject* watch, PyObject* missing) {
   static PyObject* const kParams = PyUnicode_InternFromString("params");
   static PyObject* const kWeight = PyUnicode_InternFromString("weight");
@@ -41,9 +42,16 @@ bool unchanged(PyObject* groups, PyObject* watch, PyObject* missing) {
   for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(watch); ++k) {
     PyObject* entry = PyTuple_GET_ITEM(watch, k);
     PyObject* group = PyList_GET_ITEM(groups, k);
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 4 || PyTuple_GET_ITEM(entry, 0) != group ||
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 5 || PyTuple_GET_ITEM(entry, 0) != group ||
         !PyDict_CheckExact(group)) {
       return false;
+    }
+    PyObject* keys = PyTuple_GET_ITEM(entry, 4);
+    if (!PyTuple_Check(keys) || PyDict_GET_SIZE(group) != PyTuple_GET_SIZE(keys)) return false;
+    Py_ssize_t pos = 0, k_pos = 0;
+    PyObject* key;
+    while (PyDict_Next(group, &pos, &key, nullptr)) {  // insertion order: the order tuple(group) recorded
+      if (key != PyTuple_GET_ITEM(keys, k_pos++)) return false;
     }
     PyObject* members = PyDict_GetItem(group, kParams);  // borrowed; never raises
     PyObject* weight = PyDict_GetItem(group, kWeight);
@@ -164,11 +172,49 @@ PyObject* add_grad(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
   END_HANDLE_TH_ERRORS
 }
 
+// _check_no_shared_memory(op: str, lists: list[tuple[str, list[Tensor], bool]]) -> None
+//
+// l2fast::MemoryCheck over (name, tensors, written) lists: a ValueError when a written tensor shares
+// memory with another listed tensor or with itself. The check l2_penalty_ makes, for any op that writes
+// several lists in place (an optimizer's params and moments).
+PyObject* check_no_shared_memory(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  const char* op = nullptr;
+  PyObject* lists = nullptr;
+  if (!PyArg_ParseTuple(args, "sO!", &op, &PyList_Type, &lists)) return nullptr;
+  const Py_ssize_t n = PyList_GET_SIZE(lists);
+  std::vector<l2fast::MemoryCheck::List> roles;
+  std::vector<std::vector<at::Tensor>> tensors(n);
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    const char* name = nullptr;
+    PyObject* items = nullptr;
+    int written = 0;
+    TORCH_CHECK_TYPE(PyTuple_Check(PyList_GET_ITEM(lists, k)) &&
+                         PyArg_ParseTuple(PyList_GET_ITEM(lists, k), "sO!p", &name, &PyList_Type, &items, &written),
+                     "l2fast._C._check_no_shared_memory: lists[", k, "] is not a (name, list of tensors, written) tuple");
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); ++i) {
+      PyObject* t = PyList_GET_ITEM(items, i);
+      TORCH_CHECK_TYPE(THPVariable_Check(t), "l2fast._C._check_no_shared_memory: ", name, "[", i, "] is not a tensor");
+      tensors[k].push_back(THPVariable_Unpack(t));
+    }
+    roles.push_back({name, written != 0});
+  }
+  l2fast::MemoryCheck memory(roles);
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    for (size_t i = 0; i < tensors[k].size(); ++i) memory.add(k, i, tensors[k][i]);
+  }
+  memory.check(op);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"_add_grad_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(add_grad)), METH_FASTCALL,
      "l2_penalty_ over params and their .grad without the dispatcher (L2Penalty.add_grad_'s fast path); "
      "None when the call must go through torch.ops."},
     {"_validated", validated, METH_NOARGS, "A new, empty validation cache for _add_grad_."},
+    {"_check_no_shared_memory", check_no_shared_memory, METH_VARARGS,
+     "Refuses a written tensor sharing memory with another listed tensor: (op, [(name, tensors, written)])."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -59,7 +59,13 @@ def _on_kernel_device(params):
 def _weight(fn, weight, where="weight"):
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise TypeError(f"l2fast.{fn}: {where} is a {type(weight).__name__}; expected a real number")
-    weight = float(weight)
+    try:
+        weight = float(weight)
+    except OverflowError:  # an int or Fraction beyond float's range: named briefly, not in 400 digits
+        text = str(weight)
+        short = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
+        raise ValueError(f"l2fast.{fn}: {where} is {short}, beyond the float range; expected a finite "
+                         "real number") from None
     if not math.isfinite(weight):
         raise ValueError(f"l2fast.{fn}: {where} is {weight}; expected a finite real number")
     return weight
@@ -79,9 +85,9 @@ def _allowed_foreign_keys():
 
 def parse(fn, params, weight):
     """Checks `params` (tensors or groups) and `weight` before anything runs. Returns
-    ([(param, w, where)] for every param to read, [every param]): a weight-0 group's params are
-    not read (a plain list is read whatever its weight, as the op does). Raises TypeError/ValueError
-    naming the culprit."""
+    ([(param, w, where)] for every param to read, [every param]): the params of weight 0 (a weight-0
+    group, or a plain list with weight 0) are not read, as the op reads no tensor of effective weight 0.
+    Raises TypeError/ValueError naming the culprit."""
     if weight is not None:
         weight = _weight(fn, weight)
     if isinstance(params, (torch.Tensor, dict)):
@@ -97,7 +103,7 @@ def parse(fn, params, weight):
         names = [f"params[{i}]" for i in range(len(items))]
         for t, where in zip(items, names):
             _check_tensor(fn, where, t)
-        return [(t, weight, where) for t, where in zip(items, names)], items
+        return ([(t, weight, where) for t, where in zip(items, names)] if weight != 0.0 else []), items
     out, everything, seen = [], [], {}
     for g, group in enumerate(items):
         if not isinstance(group, dict):
@@ -265,11 +271,13 @@ def sq_norm(tensors):
         return value_parts(parts)
 
 
-def l2_penalty(params, weight):
-    """weight * sum(||p||^2) over all params, or over param groups with their own weights;
+def l2_penalty(params, weight=None):
+    """weight * sum(||p||^2) over all params, or over param groups with their own weights (then
+    `weight` is the default of groups without one, and may be omitted when every group has its own);
     differentiable, backward is one fused kernel. DTensor params give the global value, and the
-    gradient of each local shard (the value is the same on every rank)."""
-    if type(params) is list and _on_kernel_device(params) and type(weight) is float and math.isfinite(weight):
+    gradient of each local shard (the value is the same on every rank). Params of weight 0 are not
+    read, and are not in the value's graph."""
+    if type(params) is list and _on_kernel_device(params) and type(weight) is float and math.isfinite(weight) and weight:
         try:
             return torch.ops.l2fast.l2_penalty(params, weight)
         except (RuntimeError, TypeError, ValueError, NotImplementedError):
@@ -278,17 +286,19 @@ def l2_penalty(params, weight):
     return value_of(plan("l2_penalty", pairs), everything)
 
 
-def l2_penalty_(params, weight):
+def l2_penalty_(params, weight=None):
     """The training fast path: `p.grad += 2 * weight * p` for every p, returning weight * sum(||p||^2).
 
-    `params` may be param groups (each with its own "weight"; a weight-0 group is not read and its
-    grads are left as they are) and DTensors (FSDP2/HSDP: local shards, global value). Each
+    `params` may be param groups (each with its own "weight", `weight` being the default of groups
+    without one: it may be omitted when every group has its own) and DTensors (FSDP2/HSDP: local
+    shards, global value). Params of weight 0 (a group's, or the call's) are not read and their grads
+    are left as they are (a None grad stays None). Each
     parameter is read once: value and gradient come from the same pass. A p whose .grad is None
     gets a fresh grad of 2 * weight * p. The returned value is detached. On bad input (mixed
     devices, a grad of the wrong shape/dtype/device, a bad group, ...) it raises and modifies nothing.
     """
     # The per-call Python of a plain list is kept to a minimum: at the seed MLP's size it is ~2 of 13 µs.
-    if type(params) is list and _on_kernel_device(params) and type(weight) is float and math.isfinite(weight):
+    if type(params) is list and _on_kernel_device(params) and type(weight) is float and math.isfinite(weight) and weight:
         try:
             grads = [p.grad for p in params]
             fresh = [i for i, g in enumerate(grads) if g is None]

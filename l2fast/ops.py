@@ -34,10 +34,10 @@ def _check_weights(op, weight, weights, n):
             raise ValueError(f"{op}: weights[{i}] is {w}; expected a finite number")
 
 
-def _fake_value(op, tensors):
+def _fake_value(op, tensors, name="params"):
     for i, t in enumerate(tensors):
         if t.device != tensors[0].device:
-            raise ValueError(f"{op}: params[{i}] is on {t.device} but params[0] is on {tensors[0].device}; "
+            raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {name}[0] is on {tensors[0].device}; "
                              "all tensors must be on one device")
     device = tensors[0].device if tensors else torch.device("cpu")
     return torch.empty((), dtype=_acc_dtype(tensors), device=device)
@@ -45,7 +45,7 @@ def _fake_value(op, tensors):
 
 @torch.library.register_fake("l2fast::sq_norm")
 def _sq_norm_fake(tensors):
-    return _fake_value("l2fast.sq_norm", tensors)
+    return _fake_value("l2fast.sq_norm", tensors, "tensors")
 
 
 @torch.library.register_fake("l2fast::l2_penalty")

@@ -98,35 +98,58 @@ class L2Penalty:
                 g["params"] = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
         pairs, self._everything = F.parse("L2Penalty", groups, self._weight)
         self._parts = F.plan("L2Penalty", pairs)
-        self._watch = tuple((g, g["params"], tuple(g["params"]), g.get("weight", _MISSING)) for g in groups)
+        self._watch = tuple((g, g["params"], tuple(g["params"]), g.get("weight", _MISSING), tuple(g)) for g in groups)
         one = self._parts[0] if len(self._parts) == 1 and self._parts[0].mesh is None else None
         self._direct = None if one is None else (  # _C._add_grad_'s arguments after param_groups
             self._watch, _MISSING, list(one.params), one.weight, None if one.weights is None else torch.tensor(one.weights, dtype=torch.float64),
             _C._validated())
 
+    def _follow_traced(self):
+        # A method of its own: a change then costs one new graph, against three with the graph break
+        # inside add_grad_ (measured), and dynamo's recompile limit (8 per frame) lasts longer.
+        if self._changed():
+            _build_eagerly(self)
+
+    def _changed(self):
+        """_stale for torch.compile: by content (keys, weights, params), which dynamo's guards follow, so
+        that a later change recompiles. Not by the identity of the dicts and lists: a rebuild that left
+        the same content (the lists torch.optim makes anew) would not change what the guards see, and
+        the traced "changed" branch would rebuild on every call."""
+        groups = self.param_groups
+        if len(groups) != len(self._watch):
+            return True
+        for g, (_, _, snapshot, w, keys) in zip(groups, self._watch):
+            members = g.get("params")
+            if (tuple(g) != keys or g.get("weight", _MISSING) != w or type(members) is not list
+                    or len(members) != len(snapshot) or not all(map(operator.is_, members, snapshot))):
+                return True
+        return False
+
     def _stale(self):
         groups = self.param_groups
         if len(groups) != len(self._watch):
             return True
-        for g, (watched, members, snapshot, w) in zip(groups, self._watch):
-            if (g is not watched or g["params"] is not members or g.get("weight", _MISSING) is not w
+        for g, (watched, members, snapshot, w, keys) in zip(groups, self._watch):
+            if (g is not watched or len(g) != len(keys) or not all(map(operator.is_, g, keys))
+                    or g["params"] is not members or g.get("weight", _MISSING) is not w
                     or len(members) != len(snapshot) or not all(map(operator.is_, members, snapshot))):
                 return True
         return False
 
     def add_grad_(self):
         """`p.grad += 2·w·p` for every penalised p (a None grad becomes 2·w·p); returns the value, detached."""
+        if torch.compiler.is_compiling():  # traced: the op goes into the graph
+            self._follow_traced()
+            return F.add_grad("L2Penalty", self._parts, self._everything)
         # The direct call (csrc/python.cpp) checks that the groups are unchanged, as _stale does; it
         # returns None when they changed, under a mode or with a tensor that is not plain.
-        compiling = torch.compiler.is_compiling()
-        direct = None if compiling else self._direct
-        if direct is not None:
-            value = _add_grad_direct(self.param_groups, *direct)
+        if self._direct is not None:
+            value = _add_grad_direct(self.param_groups, *self._direct)
             if value is not None:
                 return value
         if self._stale():
             self._build()
-            if not compiling and self._direct is not None:
+            if self._direct is not None:
                 value = _add_grad_direct(self.param_groups, *self._direct)
                 if value is not None:
                     return value
@@ -139,9 +162,20 @@ class L2Penalty:
 
     def __call__(self):
         """The penalty as a differentiable term: `(loss + penalty()).backward()` adds its gradient."""
-        if self._stale():
+        if torch.compiler.is_compiling():
+            self._follow_traced()
+        elif self._stale():
             self._build()
         return F.value_of(self._parts, self._everything)
+
+    def __getstate__(self):
+        # The groups and the default weight; the launches and the direct call's validation cache (a
+        # capsule) are rebuilt by __setstate__, so that a deep copy penalises the copied tensors.
+        return {"param_groups": self.param_groups, "weight": self._weight}
+
+    def __setstate__(self, state):
+        self.param_groups, self._weight = state["param_groups"], state["weight"]
+        self._build()
 
     def __repr__(self):
         sizes = ", ".join(f"{len(g['params'])} params × {g.get('weight', self._weight)}" for g in self.param_groups)
@@ -150,3 +184,7 @@ class L2Penalty:
 
 _C = sys.modules[__package__ + "._C"]  # loaded by functional's import of ops
 _add_grad_direct = _C._add_grad_
+# A rebuild under torch.compile runs outside the graph (parse's checks and _C._validated are not
+# traceable): a graph break, only in the trace that finds the groups changed. torch._disable_dynamo
+# is torch.compiler.disable that imports dynamo at the first call, not here.
+_build_eagerly = torch._disable_dynamo(L2Penalty._build)

@@ -114,6 +114,9 @@ class TestL2Penalty:
         params = [t.clone().requires_grad_() for t in tensors]
         value = l2fast.l2_penalty(params, weight)
         assert value.item() == pytest.approx(weight * ref_sq_norm(tensors), rel=1e-5, abs=1e-30)
+        if weight == 0.0:  # nothing read: a constant 0, outside the graph
+            assert not value.requires_grad and value.dtype == acc_dtype(tensors)
+            return
         if not params:
             return
         value.backward()
@@ -182,6 +185,9 @@ class TestL2PenaltyInplace:
         assert not value.requires_grad and value.dtype == acc_dtype(tensors)
         assert value.item() == pytest.approx(weight * ref_sq_norm(tensors), rel=1e-5, abs=1e-30)
         for p, g0 in zip(params, before):
+            if weight == 0.0:  # nothing read, every grad left as it was
+                assert (p.grad is None) if g0 is None else torch.equal(p.grad, g0)
+                continue
             expected = 2 * weight * p.double() + (0 if g0 is None else g0.double())
             assert p.grad.dtype == p.dtype and p.grad.shape == p.shape
             torch.testing.assert_close(p.grad.double(), expected.to(p.dtype).double(), rtol=2 * RTOL[p.dtype],
@@ -278,8 +284,11 @@ class TestBadInput:
             assert torch.equal(g, b)
 
     def test_non_floating(self):
-        with pytest.raises(TypeError, match=r"params\[1\] has dtype Long; expected a floating-point tensor"):
+        # Before issue 18: sq_norm named them params[1], which is not its argument's name.
+        with pytest.raises(TypeError, match=r"sq_norm: tensors\[1\] has dtype Long; expected a floating-point tensor"):
             l2fast.sq_norm([torch.randn(3), torch.arange(3)])
+        with pytest.raises(TypeError, match=r"l2_penalty: params\[1\] has dtype Long"):
+            l2fast.l2_penalty([torch.randn(3), torch.arange(3.0).long()], 0.5)
 
     def test_not_a_tensor(self):
         with pytest.raises(TypeError, match=r"params\[1\] is a float; expected a torch.Tensor"):
@@ -339,7 +348,13 @@ class TestBadInput:
             y.backward()
 
     def test_mixed_devices(self):
-        with pytest.raises(ValueError, match=r"params\[1\] is on meta but params\[0\] is on cpu"):
+        with pytest.raises(ValueError, match=r"tensors\[1\] is on meta but tensors\[0\] is on cpu"):
+            torch.ops.l2fast.sq_norm([torch.randn(2), torch.randn(2, device="meta")])
+        with pytest.raises(TypeError, match=r"sq_norm: tensors\[0\] is a torch.sparse_coo tensor"):
+            torch.ops.l2fast.sq_norm([torch.randn(2).to_sparse()])
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode(), pytest.raises(ValueError, match=r"tensors\[1\] is on meta but tensors\[0\]"):
             torch.ops.l2fast.sq_norm([torch.randn(2), torch.randn(2, device="meta")])
 
     def test_device_without_kernel(self):

@@ -1,12 +1,17 @@
 """Issue 10 (aliasing, non-dense params, version counters) and issue 9 item 10 (bad weights and
 layouts): each rejection names what was wrong and modifies nothing; what is legal computes right."""
+import re
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import l2fast
 import l2fast.ops  # noqa: F401  (registers torch.ops.l2fast.*)
 
 OPS = torch.ops.l2fast
+hyp = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def ref_value(tensors, weight):
@@ -94,6 +99,204 @@ class TestAliasing:
             torch.testing.assert_close(g, p)
 
 
+class TestSharedMemoryExactly:
+    """Issue 18 items 1-2: memory is compared by address and byte, exactly, at any size: what cannot be
+    proven disjoint is refused naming both tensors; what is disjoint is accepted and computed right."""
+
+    def test_grad_overlapping_itself_through_as_strided(self):
+        # Before: accepted ("too hard to tell" was taken as "no overlap"), and grads were written twice.
+        q = torch.randn(3, 3)
+        b = torch.zeros(5)
+        q.grad = b.as_strided((3, 3), (1, 1))
+        for call in (lambda: OPS.l2_penalty_([q], [q.grad], 0.5), lambda: l2fast.l2_penalty_([q], 0.5),
+                     lambda: l2fast.L2Penalty([q], 0.5).add_grad_()):
+            with pytest.raises(ValueError, match=r"grads\[0\] has elements that share memory"):
+                untouched([b], call)
+
+    def test_folded_strides_that_do_not_overlap_are_legal(self):
+        """Strides (2, 3) over sizes (3, 2) reach offsets 0, 3, 2, 5, 4, 7: no two alike."""
+        buf = torch.zeros(8)
+        p = torch.randn(3, 2)
+        g = buf.as_strided((3, 2), (2, 3))
+        OPS.l2_penalty_([p], [g], 0.5)
+        torch.testing.assert_close(g, p)
+        assert buf[[1, 6]].eq(0).all()
+
+    @pytest.mark.parametrize("api", ["op", "l2_penalty_", "L2Penalty"])
+    def test_two_storages_on_one_memory(self, api):
+        # Before: accepted (aliasing was keyed by storage object), and the memory was written twice.
+        np = pytest.importorskip("numpy")
+        a = np.zeros(15, np.float32)
+        q0, q1 = torch.randn(15), torch.randn(15)
+        q0.grad, q1.grad = torch.from_numpy(a), torch.from_numpy(a)
+        assert q0.grad.untyped_storage()._cdata != q1.grad.untyped_storage()._cdata
+        call = {"op": lambda: OPS.l2_penalty_([q0, q1], [q0.grad, q1.grad], 0.5),
+                "l2_penalty_": lambda: l2fast.l2_penalty_([q0, q1], 0.5),
+                "L2Penalty": lambda: l2fast.L2Penalty([q0, q1], 0.5).add_grad_()}[api]
+        with pytest.raises(ValueError, match=r"grads\[1\] shares memory with grads\[0\]"):
+            call()
+        assert not a.any()
+
+    def test_grad_and_param_on_one_numpy_buffer(self):
+        np = pytest.importorskip("numpy")
+        a = np.arange(12, dtype=np.float32)
+        p = torch.from_numpy(a)[:6]
+        p.grad = torch.from_numpy(a)[4:10]  # another storage object, two elements in common
+        with pytest.raises(ValueError, match=r"grads\[0\] shares memory with params\[0\]"):
+            l2fast.l2_penalty_([p], 0.5)
+        assert np.array_equal(a, np.arange(12, dtype=np.float32))
+
+    def test_interleaved_grads_beyond_2_24_elements(self):
+        # Before: refused as shared (the element-wise comparison gave up past 2^24 elements).
+        n = 2**23 + 1
+        buf = torch.zeros(2 * n)
+        params = [torch.rand(n), torch.rand(n)]
+        grads = [buf[0::2], buf[1::2]]
+        value = OPS.l2_penalty_(params, grads, 0.5)
+        assert value.item() == pytest.approx(ref_value(params, 0.5), rel=1e-6)
+        for p, g in zip(params, grads):
+            assert torch.equal(g, p)  # 2 * 0.5 * p, exactly
+
+    @pytest.mark.parametrize("n", [2, 7, 300])
+    def test_many_grads_interleaved_in_one_buffer(self, n):
+        buf = torch.zeros(n * 5)
+        params = [torch.randn(5, dtype=torch.float64).float() for _ in range(n)]
+        grads = [buf[i::n] for i in range(n)]
+        for call in range(2):  # the second call through L2Penalty's cached validation
+            before = [g.clone() for g in grads]
+            if call == 0:
+                value = OPS.l2_penalty_(params, grads, 0.25)
+            else:
+                for p, g in zip(params, grads):
+                    p.grad = g
+                pen = l2fast.L2Penalty(params, 0.25)
+                value = pen.add_grad_()
+                before = [g.clone() for g in grads]
+                value = pen.add_grad_()
+            assert value.item() == pytest.approx(ref_value(params, 0.25), rel=1e-6)
+            for p, g, b in zip(params, grads, before):
+                torch.testing.assert_close(g, b + 0.5 * p)
+
+    def test_one_interleaved_grad_listed_twice(self):
+        n = 50
+        buf = torch.zeros(n * 4)
+        params = [torch.randn(4) for _ in range(n)]
+        grads = [buf[i::n] for i in range(n)]
+        grads[40] = buf[3::n]
+        with pytest.raises(ValueError, match=r"grads\[40\] shares memory with grads\[3\]"):
+            untouched([buf], lambda: OPS.l2_penalty_(params, grads, 0.5))
+
+    def test_strided_param_meeting_an_interleaved_grad(self):
+        buf = torch.randn(30)
+        params = [buf[0::3], buf[0::2][:10]]  # the second reads offsets 0, 2, 4, ...: 4 is grads[0]'s
+        grads = [buf[1::3], torch.zeros(10)]
+        with pytest.raises(ValueError, match=r"grads\[0\] shares memory with params\[1\]"):
+            untouched([buf], lambda: OPS.l2_penalty_(params, grads, 0.5))
+        params[1] = buf[0::6][:5].repeat(2)  # a copy: apart
+        OPS.l2_penalty_(params, grads, 0.5)
+
+    def test_mixed_element_sizes_in_one_buffer(self):
+        """A float64 view and float32 views of one buffer: compared byte by byte."""
+        buf = torch.zeros(16)
+        wide = buf.view(torch.float64)  # 8 values, each over two float32 slots
+        params = [torch.randn(4, dtype=torch.float64), torch.randn(4)]
+        grads = [wide[0::2], buf[2::4]]  # float32 slots 0-1, 4-5, ... and 2, 6, 10, 14: apart
+        OPS.l2_penalty_(params, grads, 0.5)
+        torch.testing.assert_close(grads[0], params[0])
+        grads[1] = buf[1::4]  # slot 1 is inside wide[0]
+        with pytest.raises(ValueError, match=r"grads\[1\] shares memory with grads\[0\]"):
+            OPS.l2_penalty_(params, grads, 0.5)
+
+    def test_sparse_span_is_decided_too(self):
+        """Views far apart in one buffer (a bitmap over the span would dwarf the elements)."""
+        buf = torch.zeros(100_000)
+        params = [torch.randn(3), torch.randn(3)]
+        grads = [buf[0::40_000], buf[1::40_000]]
+        OPS.l2_penalty_(params, grads, 0.5)
+        torch.testing.assert_close(grads[1], params[1])
+        grads[1] = buf.as_strided((3,), (39_999,), 1)  # offsets 1, 40000, 79999: 40000 is grads[0]'s
+        with pytest.raises(ValueError, match=r"grads\[1\] shares memory with grads\[0\]"):
+            OPS.l2_penalty_(params, grads, 0.5)
+
+    @hyp
+    @given(st.data())
+    def test_any_views_of_one_buffer_match_a_byte_level_reference(self, data):
+        """Random as_strided pairs (and float64 views) of one buffer: refused exactly when a written
+        byte is shared, naming a pair that shares one; else the float64 reference holds."""
+        buf = torch.zeros(48, dtype=torch.float32)
+        k = data.draw(st.integers(1, 4), label="pairs")
+        params, grads, views = [], [], []
+        for i in range(k):
+            dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), label=f"dtype {i}")
+            base = buf if dtype == torch.float32 else buf.view(torch.float64)
+            shape = data.draw(st.lists(st.integers(1, 3), min_size=1, max_size=2), label=f"shape {i}")
+            pair = []
+            for role in ("param", "grad"):
+                if role == "param" and data.draw(st.booleans(), label=f"param {i} own memory"):
+                    pair.append(torch.randn(shape, dtype=dtype))
+                    continue
+                strides = [data.draw(st.integers(0 if role == "param" else 1, 5), label=f"{role} {i} stride")
+                           for _ in shape]
+                reach = sum((n - 1) * st_ for n, st_ in zip(shape, strides))
+                offset = data.draw(st.integers(0, base.numel() - 1 - reach), label=f"{role} {i} offset")
+                pair.append(base.as_strided(shape, strides, offset))
+            params.append(pair[0])
+            grads.append(pair[1])
+        with torch.no_grad():
+            buf.copy_(torch.randn(48))
+
+        def byte_sets(t):
+            if t.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr():
+                return []
+            item = t.element_size()
+            starts = torch.as_strided(torch.arange(buf.numel() * 4 // item), t.shape, t.stride(),
+                                      t.storage_offset()).reshape(-1).tolist()
+            return [set(range(s * item, (s + 1) * item)) for s in starts]
+
+        elems = {("params", i): byte_sets(p) for i, p in enumerate(params)}
+        elems.update({("grads", i): byte_sets(g) for i, g in enumerate(grads)})
+
+        def share(a, b):
+            if a == b:
+                sets = elems[a]
+                return any(x & y for j, x in enumerate(sets) for y in sets[j + 1:])
+            return any(x & y for x in elems[a] for y in elems[b])
+
+        conflicts = {(a, b) for a in elems if a[0] == "grads" for b in elems if share(a, b)}
+        expected_p = [p.double().clone() for p in params]
+        expected_g = [g.double().clone() + 2 * 0.5 * p.double() for p, g in zip(params, grads)]
+        before = buf.clone()
+        if conflicts:
+            with pytest.raises(ValueError) as err:
+                OPS.l2_penalty_(params, grads, 0.5)
+            assert torch.equal(buf, before)
+            msg = str(err.value)
+            m = re.search(r"(params|grads)\[(\d+)\] (shares memory with|has elements) (?:(params|grads)\[(\d+)\])?", msg)
+            assert m, msg
+            a = (m.group(1), int(m.group(2)))
+            b = a if m.group(3) == "has elements" else (m.group(4), int(m.group(5)))
+            assert a[0] == "grads" and share(a, b), msg
+        else:
+            OPS.l2_penalty_(params, grads, 0.5)
+            for p, g, wp, wg in zip(params, grads, expected_p, expected_g):
+                torch.testing.assert_close(p.double(), wp)
+                torch.testing.assert_close(g.double(), wg, rtol=1e-6, atol=1e-6)
+
+    def test_reusable_for_several_written_lists(self):
+        """The check takes any lists marked written or read-only (an optimizer's params, grads, moments)."""
+        check = l2fast._C._check_no_shared_memory
+        params = [torch.randn(4), torch.randn(3)]
+        grads = [torch.randn(4), params[1]]  # read-only, but on a written param
+        moments = [torch.zeros(4), torch.zeros(3)]
+        with pytest.raises(ValueError, match=r"params\[1\] shares memory with grads\[1\]"):
+            check("opt", [("params", params, True), ("grads", grads, False), ("exp_avg", moments, True)])
+        grads[1] = torch.randn(3)
+        check("opt", [("params", params, True), ("grads", grads + grads, False), ("exp_avg", moments, True)])
+        moments[1] = params[0][:3]
+        with pytest.raises(ValueError, match=r"exp_avg\[1\] shares memory with params\[0\]"):
+            check("opt", [("params", params, True), ("grads", grads, False), ("exp_avg", moments, True)])
+
+
 class TestNonDenseParams:
     """Params that are real views (a sliced nn.Linear weight, an expand), not clones."""
 
@@ -151,17 +354,17 @@ class TestVersionCounters:
 
 class TestLayouts:
     @pytest.mark.parametrize("make, message", [
-        (lambda: torch.randn(3).to_sparse(), r"params\[1\] is a torch.sparse_coo tensor; .*dense"),
-        (lambda: torch.randn(3, 3).to_sparse_csr(), r"params\[1\] is a torch.sparse_csr tensor"),
+        (lambda: torch.randn(3).to_sparse(), r"{}\[1\] is a torch.sparse_coo tensor; .*dense"),
+        (lambda: torch.randn(3, 3).to_sparse_csr(), r"{}\[1\] is a torch.sparse_csr tensor"),
         (lambda: torch.quantize_per_tensor(torch.randn(3), 0.1, 0, torch.qint8),
-         r"params\[1\] is a quantized tensor \(dtype QInt8\)"),
+         r"{}\[1\] is a quantized tensor \(dtype QInt8\)"),
     ])
     def test_named_not_called_a_device(self, make, message):
         params = [torch.randn(3), make()]
         grads = [torch.zeros(3), torch.zeros(3) if params[1].dim() == 1 else torch.zeros(3, 3)]
-        for call in (lambda: OPS.sq_norm(params), lambda: OPS.l2_penalty(params, 0.1),
-                     lambda: untouched([grads[0]], lambda: OPS.l2_penalty_(params, grads, 0.1))):
-            with pytest.raises(TypeError, match=message):
+        for call, name in ((lambda: OPS.sq_norm(params), "tensors"), (lambda: OPS.l2_penalty(params, 0.1), "params"),
+                           (lambda: untouched([grads[0]], lambda: OPS.l2_penalty_(params, grads, 0.1)), "params")):
+            with pytest.raises(TypeError, match=message.format(name)):  # sq_norm's argument is `tensors`
                 call()
 
     def test_sparse_grad(self):

@@ -1,6 +1,7 @@
 """Param groups, decay_groups and L2Penalty against float64 references (CPU); the penalty bench's CLI."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -495,7 +496,7 @@ class TestDirectCall:
             assert p.grad._version == v + 1
 
     STEPS = ["call", "none", "new_data", "new_shape", "edit", "shared_grad", "grad_moved", "grad_is_param",
-             "strided_grad", "grad_requires_grad", "param_dtype"]
+             "strided_grad", "grad_requires_grad", "param_dtype", "self_overlap", "one_memory", "interleaved"]
 
     @hyp
     @given(st.lists(st.sampled_from(STEPS), min_size=1, max_size=14), st.integers(0, 2**31 - 1))
@@ -540,6 +541,18 @@ class TestDirectCall:
                     error = rf"grads\[{i}\] shares memory with params\[{i}\]"
                 elif step == "strided_grad":  # not walkable with p's strides: a stand-in, copied back
                     p.grad = torch.randn(*p.shape, 2, generator=gen)[..., 1]
+                elif step == "self_overlap":  # elements i + j of one buffer (or one element, when 1-D)
+                    p.grad = torch.zeros(p.numel()).as_strided(p.shape, [1] * p.dim() if p.dim() > 1 else [0])
+                    error = rf"grads\[{i}\] has elements that share memory"
+                elif step == "one_memory":  # two storage objects on one numpy array
+                    mem = np.zeros(p.numel() + ps[j].numel() - 1, np.float32)  # one element in common
+                    ps[j].grad = torch.from_numpy(mem)[:ps[j].numel()].view(ps[j].shape)
+                    p.grad = torch.from_numpy(mem)[-p.numel():].view(p.shape)
+                    error = rf"grads\[{max(i, j)}\] shares memory with grads\[{min(i, j)}\]"
+                elif step == "interleaved":  # legal: every other element of one buffer each
+                    buf = torch.randn(2 * max(p.numel(), ps[j].numel()), generator=gen)
+                    p.grad = buf[0::2][:p.numel()].view(p.shape)
+                    ps[j].grad = buf[1::2][:ps[j].numel()].view(ps[j].shape)
                 elif step == "grad_requires_grad":
                     p.grad = torch.zeros(p.shape, requires_grad=True)
                     error = r"requires grad"
@@ -558,12 +571,204 @@ class TestDirectCall:
                 p.grad = torch.zeros(p.shape)
                 if step == "grad_moved":
                     ps[j].grad = torch.zeros(ps[j].shape)
-                if step == "shared_grad":
+                if step in ("shared_grad", "one_memory"):
                     ps[j].grad = torch.zeros(ps[j].shape)
                 continue
             want, added = reference([{"params": ps}], 0.3)
             assert_value(pen.add_grad_(), want, torch.float32)
             assert_grads([{"params": ps}], before, added)
+
+
+class TestWeightZeroIsNotRead:
+    """Issue 18 item 6: a tensor of effective weight 0 is not read by any entry point (a NaN in it
+    reaches nothing), its grad is left as it is, and every entry point gives the same 0 value, of
+    the same dtype and device."""
+
+    def params(self, device):
+        p = torch.tensor([math.nan, 1.0], device=device, requires_grad=True)
+        q = torch.tensor([2.0, math.inf], dtype=torch.float64, device=device, requires_grad=True)
+        return p, q
+
+    def check_value(self, value, device):
+        assert value.shape == () and value.item() == 0.0
+        assert value.dtype == torch.float64 and value.device.type == device  # float64: q is float64
+
+    @pytest.mark.parametrize("api", ["l2_penalty_", "L2Penalty", "l2_penalty_ groups", "L2Penalty groups"])
+    def test_add_grad_leaves_grads_alone(self, api, device):
+        # Before: l2fast.l2_penalty_([p], 0.0) gave NaN and wrote 0 * NaN into p.grad.
+        p, q = self.params(device)
+        p.grad = torch.full((2,), 3.0, device=device)
+        params = [p, q] if "groups" not in api else [{"params": [p], "weight": 0.0}, {"params": [q], "weight": 0.0}]
+        for _ in range(2):  # L2Penalty: the first call and the cached one
+            value = (l2fast.l2_penalty_(params, 0.0) if api.startswith("l2_penalty_")
+                     else l2fast.L2Penalty(params, 0.0).add_grad_())
+            self.check_value(value, device)
+            assert torch.equal(p.grad, torch.full((2,), 3.0, device=device)) and q.grad is None
+
+    @pytest.mark.parametrize("groups", [False, True])
+    def test_value_and_differentiable_term(self, groups, device):
+        p, q = self.params(device)
+        params = [{"params": [p, q], "weight": 0.0}] if groups else [p, q]
+        for value in (l2fast.l2_penalty(params, 0.0), l2fast.L2Penalty(params, 0.0).value(),
+                      l2fast.L2Penalty(params, 0.0)()):
+            self.check_value(value, device)
+        assert p.grad is None and q.grad is None
+
+    def test_ops(self, device):
+        p, q = (t.detach() for t in self.params(device))
+        ops = torch.ops.l2fast
+        for value in (ops.l2_penalty([p, q], 0.0), ops.l2_penalty([p, q], 0.5, [0.0, 0.0]),
+                      ops.l2_penalty([p, q], 0.0, [1.0, 2.0])):
+            self.check_value(value, device)
+        for grads in (ops.l2_penalty_backward(torch.tensor(1.0), [p, q], 0.0),
+                      ops.l2_penalty_backward(torch.tensor(1.0), [p, q], 2.0, [0.0, 0.0])):
+            assert all(torch.equal(g, torch.zeros_like(t)) for g, t in zip(grads, (p, q)))
+        gp, gq = torch.full_like(p, 3.0), torch.full_like(q, 4.0)
+        self.check_value(ops.l2_penalty_([p, q], [gp, gq], 0.0), device)
+        assert torch.equal(gp, torch.full_like(p, 3.0)) and torch.equal(gq, torch.full_like(q, 4.0))
+        self.check_value(ops.l2_penalty_([p, q], [gp, gq], 0.0, [1]), device)  # a fresh grad: zero-filled
+        assert torch.equal(gp, torch.full_like(p, 3.0)) and torch.equal(gq, torch.zeros_like(q))
+
+    def test_sq_norm_types_its_value_alike(self, device):
+        empty = [torch.zeros(0, device=device), torch.zeros(0, 3, dtype=torch.float64, device=device)]
+        for value in (l2fast.sq_norm(empty), torch.ops.l2fast.sq_norm(empty)):
+            self.check_value(value, device)
+
+
+class TestAfterConstruction:
+    """Issue 18 items 14-17: keys added later, copies, torch.compile, omitted weights, huge weights."""
+
+    def test_unknown_key_added_later_is_an_error(self):
+        # Before: ignored (the watch did not look at the keys).
+        a, b = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+        groups = [{"params": [a], "weight": 0.1}, {"params": [b], "weight": 0.2}]
+        opt = torch.optim.SGD(groups, lr=0.1)
+        pen = l2fast.L2Penalty(groups)
+        a.grad = torch.ones(3)
+        pen.add_grad_()
+        for change in ("add", "swap"):
+            if change == "add":
+                groups[0]["wieght"] = 0.5
+            else:  # same number of keys: one of the optimizer's replaced by a typo
+                del groups[0]["wieght"], groups[1]["momentum"]
+                groups[1]["wieght"] = 0.5
+            before = [a.grad.clone(), b.grad.clone()]
+            for call in (pen.add_grad_, pen.value, pen):
+                with pytest.raises(ValueError, match=r"params\[\d\] has the unknown key 'wieght'"):
+                    call()
+            assert torch.equal(a.grad, before[0]) and torch.equal(b.grad, before[1])
+        del groups[1]["wieght"]
+        groups[1]["momentum"] = 0.0
+        assert pen.add_grad_().item() == pytest.approx(0.1 * (a.double() ** 2).sum().item() +
+                                                       0.2 * (b.double() ** 2).sum().item(), rel=1e-6)
+        opt.step()
+
+    def test_deepcopy_penalises_the_copies(self):
+        # Before: TypeError: cannot pickle 'PyCapsule' object.
+        import copy
+
+        model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3))
+        pen = l2fast.L2Penalty(l2fast.decay_groups(model, 0.1))
+        pen.add_grad_()
+        both = copy.deepcopy({"model": model, "penalty": pen})
+        model2, pen2 = both["model"], both["penalty"]
+        assert pen2.param_groups[0]["params"][0] is model2[0].weight  # the copied model's own tensor
+        with torch.no_grad():
+            model[0].weight.mul_(2)
+        want = 0.1 * (model2[0].weight.double() ** 2).sum().item()
+        model2.zero_grad(set_to_none=True)
+        assert pen2.add_grad_().item() == pytest.approx(want, rel=1e-6)
+        torch.testing.assert_close(model2[0].weight.grad, 0.2 * model2[0].weight.detach())
+        assert model2[0].bias.grad is None and pen2.weight is None
+
+    def test_pickle_round_trip(self):
+        import pickle
+
+        ps = [torch.randn(5, requires_grad=True), torch.randn(2, 2, requires_grad=True)]
+        pen = l2fast.L2Penalty(ps, 0.25)
+        pen2 = pickle.loads(pickle.dumps(pen))
+        assert pen2.weight == 0.25 and torch.equal(pen2.value(), pen.value())
+        pen2.add_grad_()
+        assert all(p.grad is None for p in ps)
+
+    def test_weight_may_be_omitted_with_groups(self):
+        # Before: TypeError: missing 1 required positional argument: 'weight'.
+        a, b = torch.randn(3, requires_grad=True), torch.randn(4, requires_grad=True)
+        groups = [{"params": [a], "weight": 0.5}, {"params": [b], "weight": 0.0}]
+        want = 0.5 * (a.double() ** 2).sum().item()
+        assert l2fast.l2_penalty_(groups).item() == pytest.approx(want, rel=1e-6)
+        assert l2fast.l2_penalty(groups).item() == pytest.approx(want, rel=1e-6)
+        for api in (l2fast.l2_penalty_, l2fast.l2_penalty):
+            with pytest.raises(TypeError, match="no weight given"):
+                api([a, b])
+            with pytest.raises(TypeError, match=r"params\[1\] has no 'weight'"):
+                api([{"params": [a], "weight": 0.5}, {"params": [b]}])
+
+    @pytest.mark.parametrize("api", ["l2_penalty_", "l2_penalty", "L2Penalty", "group", "decay_groups"])
+    def test_weight_beyond_float_is_one_line(self, api):
+        # Before: a bare OverflowError: int too large to convert to float.
+        p = torch.randn(3, requires_grad=True)
+        where = r"params\[0\]\['weight'\]" if api == "group" else "weight"
+        with pytest.raises(ValueError, match=rf"{where} is 100000000000\.\.\. \(401 characters\), beyond the "
+                           "float range; expected a finite real number"):
+            if api == "L2Penalty":
+                l2fast.L2Penalty([p], 10**400)
+            elif api == "group":
+                l2fast.l2_penalty_([{"params": [p], "weight": 10**400}])
+            elif api == "decay_groups":
+                l2fast.decay_groups(nn.Linear(2, 2), 10**400)
+            else:
+                getattr(l2fast, api)([p], 10**400)
+        assert p.grad is None
+
+    @pytest.mark.slow
+    def test_compiled_step_builds_once(self):
+        # Before: the penalty was rebuilt on every step, with a Dynamo warning about _C._validated.
+        import warnings
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+        groups = l2fast.decay_groups(model, 1e-2)
+        pen = l2fast.L2Penalty(groups)
+        opt = torch.optim.SGD(groups, lr=0.1)  # adds its keys to the groups: the penalty must follow once
+        graphs = []
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        def step(x, y):
+            loss = nn.functional.cross_entropy(model(x), y)
+            return loss.detach() + pen.add_grad_(), pen().detach()
+
+        compiled = torch.compile(step, backend=backend)
+        parts = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(5):
+                opt.zero_grad()
+                x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+                total, term = compiled(x, y)
+                want, added = reference(groups)
+                assert total.item() == pytest.approx(nn.functional.cross_entropy(model(x), y).item() + want, rel=1e-5)
+                assert term.item() == pytest.approx(want, rel=1e-5)
+                assert_grads(groups, [None] * len(added), added)
+                parts.append(pen._parts)
+                if i == 1:
+                    compiled_by_then = len(graphs)
+                opt.step()
+        assert all(p is parts[0] for p in parts), "rebuilt after the first step"
+        assert len(graphs) == compiled_by_then, "recompiled in the steady state"
+        assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
+        groups[0]["weight"] = 0.5  # a change is still followed
+        opt.zero_grad()
+        x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+        want, _ = reference(groups)
+        assert compiled(x, y)[1].item() == pytest.approx(want, rel=1e-5)
+        torch._dynamo.reset()
+        fullgraph = torch.compile(lambda: pen.add_grad_(), fullgraph=True)  # nothing changed: one graph
+        opt.zero_grad()
+        assert fullgraph().item() == pytest.approx(want, rel=1e-5)
 
 
 class TestBenchCLI:
