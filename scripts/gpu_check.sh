@@ -6,17 +6,18 @@
 # Written for one H200 machine of this project (16 cores, torch 2.11.0+cu130, Python 3.12, nvcc 13.0,
 # no package registry) and a budget of 8 minutes for the whole script, leaving time for one rerun
 # of the failed steps after a fix (`scripts/gpu_check.sh OUT_DIR2 build selftest`, say). The script
-# stops itself: every step runs under `timeout`, cut to what is left of DEADLINE (470 s; GPU_CHECK_SECONDS=N for less) after the
-# steps before it, so it ends within 8 minutes whatever hangs. Each step's output goes to its own log,
+# stops itself: every step runs under `timeout`, cut to what is left of DEADLINE after the steps
+# before it, so it ends within 8 minutes whatever hangs (DEADLINE: 470 s, or GPU_CHECK_SECONDS;
+# SELFTEST_SECONDS sets the self-test's --budget, 180 s by default). Each step's output goes to its own log,
 # kept whatever a later step does; OUT_DIR/summary.md lists every step (exit code, seconds) and
 # OUT_DIR/logs.tar.gz (refreshed after every step) holds everything, for a device tool that brings
 # back only a few files: copy those two.
 #
-# Estimated time per step on that machine, and the cap each runs under. Nothing has been timed on
-# the H200 yet: the build's estimate comes from CPU times measured on the 2-core development machine
-# (the longest compile, csrc/cuda/l2_penalty_kernel.cu, takes 64 s of CPU time; every other file
-# <= 38 s, and with MAX_JOBS=16 they compile side by side); the self-test's from its checks' own
-# estimates (`python -m l2fast.selftest --list`); the rest from what each step runs.
+# Estimated time per step on that machine, and the cap each runs under. Measured there once: the
+# build of an earlier, smaller tree took 58 s (MAX_JOBS=16). The rest are estimates: the build's from
+# CPU times on the 2-core development machine (the longest compile, csrc/cuda/l2_penalty_kernel.cu,
+# 64 s of CPU time; every other file <= 38 s, side by side with MAX_JOBS=16); the self-test's from
+# its checks' own estimates (`python -m l2fast.selftest --list`); the rest from what each step runs.
 #   step       what                                                          estimate   cap
 #   versions   nvidia-smi (GPU, driver, clocks, MIG), torch, CUDA, nvcc, tools      5 s     20 s
 #   build      pip install --no-index --no-build-isolation --no-deps .             90 s    240 s
@@ -27,9 +28,9 @@
 #   measure    scripts/gpu_measure.py: issue 16's numbers (kernel vs same-bytes    60 s     90 s
 #              copy at 1e8 fp32/bf16, MLP launches and host/GPU µs, 5 epochs with
 #              --cuda-graphs vs the CPU's losses, one-process NCCL FSDP)
-#   penalty    python -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M 60 s     90 s
 #   optim      python -m l2fast.bench optim --device cuda (when it exists)         30 s     45 s
 #   train      python -m l2fast.bench train --device cuda, then --cuda-graphs      25 s     60 s
+#   penalty    python -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M 60 s     90 s
 #   total                                                                       ~ 450 s    470 s
 # Optional, not in the default list: `ncu` (Nsight Compute, SpeedOfLight + Occupancy of the kernel
 # at 1e8 values, --clock-control none; ~40 s).
@@ -98,7 +99,7 @@ wanted build && run build 240 env MAX_JOBS="$CORES" "$PY" -m pip install --no-in
 if wanted selftest || wanted tests; then
     pids=()
     if wanted selftest; then
-        run selftest 195 "$PY" -m l2fast.selftest --device cuda --skip bench --budget 180 --out "$OUT/selftest" &
+        run selftest 195 "$PY" -m l2fast.selftest --device cuda --skip bench --budget "${SELFTEST_SECONDS:-180}" --out "$OUT/selftest" &
         pids+=($!)
     fi
     if wanted tests; then
@@ -109,7 +110,6 @@ if wanted selftest || wanted tests; then
 fi
 
 wanted measure && run measure 90 "$PY" scripts/gpu_measure.py --out "$OUT/measure"
-wanted penalty && run penalty 90 "$PY" -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M
 if wanted optim; then
     if "$PY" -m l2fast.bench optim --help > "$OUT/logs/optim-help.log" 2>&1; then
         # its options are its own: pass --device cuda only where it has one
@@ -121,6 +121,7 @@ fi
 if wanted train; then
     run train 60 bash -c "$PY -m l2fast.bench train --device cuda --steps 200 && $PY -m l2fast.bench train --device cuda --cuda-graphs --steps 200"
 fi
+wanted penalty && run penalty 90 "$PY" -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M
 if wanted ncu; then
     run ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy -k regex:l2_penalty_kernel -c 3 \
         "$PY" -c "import torch, l2fast.ops; p = [torch.randn(10**8, device='cuda')]; g = [torch.zeros_like(p[0])]; [torch.ops.l2fast.l2_penalty_(p, g, 1e-4, []) for _ in range(3)]; torch.cuda.synchronize()"
