@@ -17,15 +17,7 @@ bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Where a non-empty strided tensor lives: its storage, and [first byte, one past the last byte)
-// within it. Keyed by storage, not address, so that validation need not load each StorageImpl:
-// tensors of different storages never share memory (at::get_overlap_status agrees).
-struct Extent {
-  const void* storage;
-  int64_t begin;
-  int64_t end;
-  int64_t index;
-};
+}  // namespace
 
 Extent extent_of(const at::Tensor& t, int64_t index) {
   int64_t span = t.numel();  // elements from the first to one past the last
@@ -41,7 +33,7 @@ Extent extent_of(const at::Tensor& t, int64_t index) {
 }
 
 // Byte offsets (from `base`) where each element of t starts, sorted.
-at::Tensor element_starts(const at::Tensor& t, uintptr_t base) {
+static at::Tensor element_starts(const at::Tensor& t, uintptr_t base) {
   const auto opts = at::TensorOptions().dtype(at::kLong);
   at::Tensor off = at::zeros({1}, opts);
   for (int64_t k = 0; k < t.dim(); ++k) {
@@ -75,6 +67,8 @@ bool share_memory(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor hit_after = (pos < sa.numel()).logical_and(after < sb + b.element_size());
   return hit_before.logical_or(hit_after).any().item<bool>();
 }
+
+namespace {
 
 // Any grad that shares memory with another grad or with any param is an error naming both
 // (the kernel would race on it, or read a param while writing it). Params may overlap each other:
@@ -157,6 +151,8 @@ void check_no_aliasing(const char* op, at::TensorList params, at::TensorList gra
 
 bool dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
 
+}  // namespace
+
 void check_param(const char* op, at::TensorList params, size_t i) {
   const at::Tensor& p = params[i];
   TORCH_CHECK_VALUE(p.defined(), op, ": params[", i, "] is an undefined tensor");
@@ -166,6 +162,8 @@ void check_param(const char* op, at::TensorList params, size_t i) {
   TORCH_CHECK_VALUE(p.device() == params[0].device(), op, ": params[", i, "] is on ", p.device(),
                     " but params[0] is on ", params[0].device(), "; all tensors must be on one device");
 }
+
+namespace {
 
 // The plan's segment for params[i] and its grad g (w != 0), or for a fresh grad with w == 0.
 void add_segment(Plan& plan, const at::Tensor& p, const at::Tensor& g, bool is_fresh, double w) {

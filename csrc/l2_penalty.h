@@ -45,6 +45,21 @@ struct Plan {
 // scale = 2 * weight * w_s * (*grad_out if given).
 using RunKernel = at::Tensor (*)(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce);
 
+// Where a non-empty strided tensor lives: its storage, and [first byte, one past the last byte)
+// within it. Keyed by storage, not address, so that validation need not load each StorageImpl:
+// tensors of different storages never share memory (at::get_overlap_status agrees).
+struct Extent {
+  const void* storage;
+  int64_t begin;
+  int64_t end;
+  int64_t index;
+};
+Extent extent_of(const at::Tensor& t, int64_t index);
+// Whether two tensors whose extents intersect share an element's memory (exact for interleaved views).
+bool share_memory(const at::Tensor& a, const at::Tensor& b);
+// Rejects params[i] when undefined, not dense, not float32/64/16/bf16, or not on params[0]'s device.
+void check_param(const char* op, at::TensorList params, size_t i);
+
 // Rejects a tensor that is not dense (sparse, mkldnn, ...) or is quantized, naming its layout.
 void check_layout(const char* op, const char* name, size_t i, const at::Tensor& t);
 // Rejects a non-finite `weight`, a `weights` list whose length is not n, or a non-finite entry.

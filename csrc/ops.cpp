@@ -13,6 +13,13 @@ TORCH_LIBRARY(l2fast, m) {
   // Reads each param once; see ops.h for what each op computes.
   m.def("l2_penalty_(Tensor[] params, Tensor(a!)[] grads, float weight, int[] fresh=[], "
         "float[]? weights=None) -> Tensor");
+  // AdamW with the coupled L2 penalty, over param groups in one pass (csrc/adamw.h). Per group:
+  // group_sizes params, hyperparameters, flags (1 amsgrad, 2 maximize); max_exp_avg_sqs for the
+  // params of amsgrad groups only; a grads entry None: the penalty's gradient alone.
+  m.def("adamw_(Tensor(a!)[] params, Tensor(b!)?[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+        "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, int[] group_sizes, float[] lr, float[] beta1, "
+        "float[] beta2, float[] eps, float[] weight_decay, float[] l2_weight, int[] flags, "
+        "Tensor?[] lr_tensors, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
 }
 
 namespace l2fast {
@@ -48,6 +55,25 @@ at::Tensor l2_penalty_redispatch(c10::DispatchKeySet ks, at::TensorList params, 
                                  at::IntArrayRef fresh, Weights weights) {
   static const auto op = handle<decltype(l2_penalty_)>("l2fast::l2_penalty_");
   return op.redispatch(ks, params, grads, weight, fresh, weights);
+}
+
+using AdamWSchema = at::Tensor(at::TensorList, const c10::List<std::optional<at::Tensor>>&, at::TensorList,
+                                 at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>,
+                                 at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>,
+                                 at::ArrayRef<double>, at::IntArrayRef, const c10::List<std::optional<at::Tensor>>&,
+                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+
+at::Tensor adamw_redispatch(c10::DispatchKeySet ks, at::TensorList params,
+                            const c10::List<std::optional<at::Tensor>>& grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                            at::IntArrayRef group_sizes, at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
+                            at::ArrayRef<double> beta2, at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
+                            at::ArrayRef<double> l2_weight, at::IntArrayRef flags,
+                            const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  static const auto op = handle<AdamWSchema>("l2fast::adamw_");
+  return op.redispatch(ks, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lr, beta1,
+                       beta2, eps, weight_decay, l2_weight, flags, lr_tensors, grad_scale, found_inf);
 }
 
 }  // namespace l2fast

@@ -1,0 +1,431 @@
+// l2fast::adamw_, written once over a backend's kernel: every check before any write, then the plan.
+#include "adamw.h"
+
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <string>
+
+#include "l2_penalty.h"
+
+namespace l2fast {
+namespace {
+
+constexpr const char* kOp = "l2fast.adamw_";
+
+bool dense_like(const at::Tensor& t, const at::Tensor& p) {
+  return t.is_non_overlapping_and_dense() && t.strides() == p.strides();
+}
+
+// One tensor list of the call, for the aliasing check: `written` lists may share memory with nothing.
+struct Role {
+  const char* name;
+  std::vector<at::Tensor> tensors;  // undefined entries are skipped
+  bool written;
+};
+
+// No written tensor shares memory with any other tensor of the call: the kernel would race on it, or
+// read a value it is overwriting. Read-only tensors may overlap each other. O(n log n): byte ranges
+// sorted by (storage, start), each compared with the ranges still open at its start.
+// TODO(merge): the shared check over tensor lists marked written/read-only replaces this sweep.
+void check_disjoint(const std::vector<Role>& roles) {
+  struct Entry {
+    Extent e;
+    int32_t role;
+  };
+  std::vector<Entry> all;
+  for (size_t r = 0; r < roles.size(); ++r) {
+    for (size_t i = 0; i < roles[r].tensors.size(); ++i) {
+      const at::Tensor& t = roles[r].tensors[i];
+      if (t.defined() && t.numel() > 0) all.push_back({extent_of(t, static_cast<int64_t>(i)), static_cast<int32_t>(r)});
+    }
+  }
+  std::sort(all.begin(), all.end(), [](const Entry& x, const Entry& y) {
+    return x.e.storage != y.e.storage ? std::less<const void*>()(x.e.storage, y.e.storage) : x.e.begin < y.e.begin;
+  });
+  std::vector<const Entry*> open;
+  for (const Entry& cur : all) {
+    open.erase(std::remove_if(open.begin(), open.end(),
+                              [&](const Entry* o) { return o->e.storage != cur.e.storage || o->e.end <= cur.e.begin; }),
+               open.end());
+    for (const Entry* o : open) {
+      const Role& a = roles[o->role];
+      const Role& b = roles[cur.role];
+      if (!a.written && !b.written) continue;
+      if (!share_memory(a.tensors[o->e.index], b.tensors[cur.e.index])) continue;
+      // Name a written tensor first.
+      const bool b_first = b.written && !a.written;
+      const Role& x = b_first ? b : a;
+      const Role& y = b_first ? a : b;
+      const int64_t xi = b_first ? cur.e.index : o->e.index, yi = b_first ? o->e.index : cur.e.index;
+      TORCH_CHECK_VALUE(false, kOp, ": ", x.name, "[", xi, "] shares memory with ", y.name, "[", yi,
+                        "]; expected separate tensors (the step writes ", x.name, "[", xi, "])");
+    }
+    open.push_back(&cur);
+  }
+}
+
+void check_like(const char* name, size_t i, const at::Tensor& t, const at::Tensor& p, bool written) {
+  TORCH_CHECK_VALUE(t.defined(), kOp, ": ", name, "[", i, "] is an undefined tensor");
+  check_layout(kOp, name, i, t);
+  TORCH_CHECK_VALUE(t.device() == p.device(), kOp, ": ", name, "[", i, "] is on ", t.device(), " but its param is on ",
+                    p.device(), "; expected the param's device");
+  TORCH_CHECK_TYPE(t.scalar_type() == p.scalar_type(), kOp, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+                   " but its param has dtype ", p.scalar_type(), "; expected the param's dtype");
+  TORCH_CHECK_VALUE(t.sizes() == p.sizes(), kOp, ": ", name, "[", i, "] has shape ", t.sizes(),
+                    " but its param has shape ", p.sizes(), "; expected the param's shape");
+  if (written) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, kOp, ": ", name, "[", i,
+                      "] has elements that share memory (an expanded tensor?); expected a tensor that can be "
+                      "written element by element");
+    TORCH_CHECK(!(t.is_inference() && !c10::InferenceMode::is_enabled()), kOp, ": ", name, "[", i,
+                "] is an inference tensor; it may only be updated in place inside torch.inference_mode()");
+  }
+}
+
+// A float32 scalar tensor on the params' device (a step, grad_scale, found_inf).
+void check_scalar(const char* name, int64_t i, const at::Tensor& t, const at::Device& device, bool written) {
+  const std::string where = i < 0 ? std::string(name) : std::string(name) + "[" + std::to_string(i) + "]";
+  TORCH_CHECK_VALUE(t.defined(), kOp, ": ", where, " is an undefined tensor");
+  check_layout(kOp, name, static_cast<size_t>(std::max<int64_t>(i, 0)), t);
+  TORCH_CHECK_VALUE(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == device, kOp, ": ", where,
+                    " is a ", t.scalar_type(), " tensor of ", t.numel(), " element(s) on ", t.device(),
+                    "; expected one float32 element on ", device);
+  if (written) {
+    TORCH_CHECK(!(t.is_inference() && !c10::InferenceMode::is_enabled()), kOp, ": ", where,
+                " is an inference tensor; it may only be updated in place inside torch.inference_mode()");
+  }
+}
+
+// Hyperparameters as torch.optim.AdamW checks them at construction (same words), plus the L2 weight.
+void check_groups(const AdamWArgs& a) {
+  const size_t G = a.group_sizes.size();
+  auto same_length = [&](const char* name, size_t n) {
+    TORCH_CHECK_VALUE(n == G, kOp, ": got ", n, " ", name, " for ", G, " groups; expected one per group");
+  };
+  same_length("lr", a.lr.size());
+  same_length("beta1", a.beta1.size());
+  same_length("beta2", a.beta2.size());
+  same_length("eps", a.eps.size());
+  same_length("weight_decay", a.weight_decay.size());
+  same_length("l2_weight", a.l2_weight.size());
+  same_length("flags", a.flags.size());
+  if (a.lr_tensors.size() != 0) same_length("lr_tensors", a.lr_tensors.size());
+  int64_t total = 0;
+  for (size_t k = 0; k < G; ++k) {
+    TORCH_CHECK_VALUE(a.group_sizes[k] >= 0, kOp, ": group_sizes[", k, "] is ", a.group_sizes[k],
+                      "; expected a count >= 0");
+    total += a.group_sizes[k];
+    TORCH_CHECK_VALUE(a.lr[k] >= 0.0, kOp, ": Invalid learning rate: ", a.lr[k], " (group ", k, ")");
+    TORCH_CHECK_VALUE(a.eps[k] >= 0.0, kOp, ": Invalid epsilon value: ", a.eps[k], " (group ", k, ")");
+    TORCH_CHECK_VALUE(a.beta1[k] >= 0.0 && a.beta1[k] < 1.0, kOp, ": Invalid beta parameter at index 0: ",
+                      a.beta1[k], " (group ", k, ")");
+    TORCH_CHECK_VALUE(a.beta2[k] >= 0.0 && a.beta2[k] < 1.0, kOp, ": Invalid beta parameter at index 1: ",
+                      a.beta2[k], " (group ", k, ")");
+    TORCH_CHECK_VALUE(a.weight_decay[k] >= 0.0, kOp, ": Invalid weight_decay value: ", a.weight_decay[k],
+                      " (group ", k, ")");
+    TORCH_CHECK_VALUE(std::isfinite(a.l2_weight[k]) && a.l2_weight[k] >= 0.0, kOp, ": l2_weight[", k, "] is ",
+                      a.l2_weight[k], "; expected a finite number >= 0");
+    TORCH_CHECK_VALUE((a.flags[k] & ~(kAmsgrad | kMaximize)) == 0, kOp, ": flags[", k, "] is ", a.flags[k],
+                      "; expected a combination of 1 (amsgrad) and 2 (maximize)");
+  }
+  TORCH_CHECK_VALUE(total == static_cast<int64_t>(a.params.size()), kOp, ": group_sizes add up to ", total, " but got ",
+                    a.params.size(), " params; expected one entry per param, group by group");
+}
+
+// Checks everything (nothing is written) and builds the plan: an op that rejects its input modifies nothing.
+AdamWPlan checked_plan(const AdamWArgs& a, bool check) {
+  const size_t n = a.params.size();
+  AdamWPlan plan;
+  if (check) {
+    check_groups(a);
+    auto same_n = [&](const char* name, size_t got) {
+      TORCH_CHECK_VALUE(got == n, kOp, ": got ", n, " params but ", got, " ", name, "; expected one per param");
+    };
+    same_n("grads", a.grads.size());
+    same_n("exp_avgs", a.exp_avgs.size());
+    same_n("exp_avg_sqs", a.exp_avg_sqs.size());
+    same_n("state_steps", a.state_steps.size());
+  }
+  plan.device = n ? a.params[0].device() : at::Device(at::kCPU);
+  plan.groups.reserve(a.group_sizes.size());
+  size_t amsgrad_params = 0;
+  for (size_t k = 0; k < a.group_sizes.size(); ++k) {
+    AdamWGroup g{a.lr[k], a.beta1[k], a.beta2[k], a.eps[k], a.weight_decay[k], a.l2_weight[k],
+                 (a.flags[k] & kAmsgrad) != 0, (a.flags[k] & kMaximize) != 0, at::Tensor()};
+    if (a.lr_tensors.size() != 0) {
+      const std::optional<at::Tensor> lt = a.lr_tensors.get(k);
+      if (lt.has_value() && lt->defined()) {
+        if (check) {
+          TORCH_CHECK_VALUE(lt->numel() == 1 && (lt->scalar_type() == at::kFloat || lt->scalar_type() == at::kDouble) &&
+                                (lt->is_cpu() || lt->device() == plan.device),
+                            kOp, ": lr_tensors[", k, "] is a ", lt->scalar_type(), " tensor of ", lt->numel(),
+                            " element(s) on ", lt->device(), "; expected one float32 or float64 element on the cpu or ",
+                            plan.device);
+        }
+        if (lt->is_cpu()) {  // read here: no device sync
+          g.lr = lt->scalar_type() == at::kDouble ? *lt->const_data_ptr<double>() : *lt->const_data_ptr<float>();
+          TORCH_CHECK_VALUE(g.lr >= 0.0, kOp, ": Invalid learning rate: ", g.lr, " (group ", k, ")");
+        } else {
+          g.lr_tensor = *lt;
+        }
+      }
+    }
+    if (g.amsgrad) amsgrad_params += a.group_sizes[k];
+    plan.groups.push_back(std::move(g));
+  }
+  if (check) {
+    TORCH_CHECK_VALUE(a.max_exp_avg_sqs.size() == amsgrad_params, kOp, ": got ", a.max_exp_avg_sqs.size(),
+                      " max_exp_avg_sqs for ", amsgrad_params, " params in amsgrad groups; expected one per param "
+                      "of an amsgrad group, in order");
+  }
+  const bool scaled = a.grad_scale.has_value() && a.grad_scale->defined();
+  if (scaled) {
+    if (check) check_scalar("grad_scale", -1, *a.grad_scale, plan.device, false);
+    plan.grad_scale = *a.grad_scale;
+  }
+  if (a.found_inf.has_value() && a.found_inf->defined()) {
+    if (check) check_scalar("found_inf", -1, *a.found_inf, plan.device, false);
+    plan.found_inf = *a.found_inf;
+  }
+
+  plan.segments.reserve(n);
+  std::vector<at::Tensor> grads(n), maxes(n);
+  size_t group = 0, left = a.group_sizes.empty() ? 0 : a.group_sizes[0], next_max = 0;
+  for (size_t i = 0; i < n; ++i) {
+    while (left == 0) left = a.group_sizes[++group];
+    --left;
+    const at::Tensor& p = a.params[i];
+    const std::optional<at::Tensor> go = a.grads.get(i);
+    const at::Tensor g = go.has_value() ? *go : at::Tensor();
+    const at::Tensor& m = a.exp_avgs[i];
+    const at::Tensor& v = a.exp_avg_sqs[i];
+    const at::Tensor& step = a.state_steps[i];
+    const bool amsgrad = plan.groups[group].amsgrad;
+    const at::Tensor vmax = amsgrad ? a.max_exp_avg_sqs[next_max++] : at::Tensor();
+    if (check) {
+      check_param(kOp, a.params, i);
+      TORCH_CHECK(!(p.is_inference() && !c10::InferenceMode::is_enabled()), kOp, ": params[", i,
+                  "] is an inference tensor; it may only be updated in place inside torch.inference_mode()");
+      TORCH_CHECK_VALUE(at::has_internal_overlap(p) != at::MemOverlap::Yes, kOp, ": params[", i,
+                        "] has elements that share memory (an expanded tensor?); expected a tensor that can be "
+                        "written element by element");
+      if (g.defined()) {
+        check_like("grads", i, g, p, scaled);
+        TORCH_CHECK_VALUE(!(scaled && g.requires_grad()), kOp, ": grads[", i, "] requires grad; expected a plain "
+                          "gradient buffer (the step writes the unscaled gradient into it)");
+      }
+      check_like("exp_avgs", i, m, p, true);
+      check_like("exp_avg_sqs", i, v, p, true);
+      if (amsgrad) check_like("max_exp_avg_sqs", next_max - 1, vmax, p, true);
+      check_scalar("state_steps", static_cast<int64_t>(i), step, plan.device, true);
+    }
+    plan.any_double |= p.scalar_type() == at::kDouble;
+    grads[i] = g;
+    maxes[i] = vmax;
+    if (p.numel() == 0 || (dense_like(p, p) && (!g.defined() || dense_like(g, p)) && dense_like(m, p) &&
+                           dense_like(v, p) && (!amsgrad || dense_like(vmax, p)))) {
+      plan.segments.push_back({p, g, m, v, vmax, step, static_cast<int32_t>(group)});
+      continue;
+    }
+    // Some tensor cannot be walked with p's layout: contiguous stand-ins, the written ones copied back.
+    auto standin = [&](const at::Tensor& t, bool written) {
+      if (!t.defined()) return t;
+      at::Tensor c = t.contiguous();
+      if (written && !c.is_same(t)) plan.writeback.emplace_back(t, c);
+      return c;
+    };
+    plan.segments.push_back({standin(p, true), standin(g, scaled), standin(m, true), standin(v, true),
+                             standin(vmax, true), step, static_cast<int32_t>(group)});
+  }
+  if (check) {
+    std::vector<at::Tensor> lrs;
+    for (const AdamWGroup& g : plan.groups) lrs.push_back(g.lr_tensor);
+    check_disjoint({{"params", a.params.vec(), true},
+                    {"grads", grads, scaled},
+                    {"exp_avgs", a.exp_avgs.vec(), true},
+                    {"exp_avg_sqs", a.exp_avg_sqs.vec(), true},
+                    {"max_exp_avg_sqs", a.max_exp_avg_sqs.vec(), true},
+                    {"state_steps", a.state_steps.vec(), true},
+                    {"lr_tensors", lrs, false},
+                    {"grad_scale", {plan.grad_scale}, false},
+                    {"found_inf", {plan.found_inf}, false}});
+  }
+  return plan;
+}
+
+at::Tensor run_plan(const AdamWPlan& plan, RunAdamW run) {
+  if (plan.segments.empty()) return at::zeros({}, at::TensorOptions().dtype(plan.acc_dtype()).device(plan.device));
+  at::Tensor value = run(plan);
+  plan.finish();
+  return value;
+}
+
+// Everything checked_plan's verdict depends on, flattened (hyperparameter values are checked anew).
+void key_of(std::vector<int64_t>& key, const AdamWArgs& a) {
+  key.clear();
+  key.insert(key.end(), a.group_sizes.begin(), a.group_sizes.end());
+  key.insert(key.end(), a.flags.begin(), a.flags.end());
+  auto add = [&key](const at::Tensor& t) {
+    if (!t.defined()) {
+      key.push_back(0);
+      return;
+    }
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    key.push_back(reinterpret_cast<intptr_t>(impl));
+    key.push_back(reinterpret_cast<intptr_t>(impl->unsafe_storage().unsafeGetStorageImpl()));
+    key.push_back(impl->storage_offset());
+    key.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
+    key.push_back(static_cast<int64_t>(impl->device_type()) << 8 | static_cast<uint8_t>(impl->device().index()));
+    key.push_back(impl->dim());
+    key.insert(key.end(), impl->sizes().begin(), impl->sizes().end());
+    key.insert(key.end(), impl->strides().begin(), impl->strides().end());
+  };
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    add(a.params[i]);
+    const std::optional<at::Tensor> g = a.grads.get(i);
+    add(g.has_value() ? *g : at::Tensor());
+    add(a.exp_avgs[i]);
+    add(a.exp_avg_sqs[i]);
+    add(a.state_steps[i]);
+  }
+  for (const at::Tensor& t : a.max_exp_avg_sqs) add(t);
+  for (size_t k = 0; k < a.lr_tensors.size(); ++k) {
+    const std::optional<at::Tensor> t = a.lr_tensors.get(k);
+    add(t.has_value() ? *t : at::Tensor());
+  }
+  add(a.grad_scale.has_value() ? *a.grad_scale : at::Tensor());
+  add(a.found_inf.has_value() ? *a.found_inf : at::Tensor());
+}
+
+RunAdamW kernels[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)] = {};
+
+}  // namespace
+
+void AdamWPlan::finish() const {
+  for (const auto& [user, standin] : writeback) user.copy_(standin);
+}
+
+at::Tensor adamw_impl(const AdamWArgs& a, RunAdamW run) { return run_plan(checked_plan(a, true), run); }
+
+at::Tensor adamw_cached(AdamWValidated& seen, const AdamWArgs& a, RunAdamW run) {
+  std::unique_lock<std::mutex> lock(seen.busy, std::try_to_lock);
+  if (!lock.owns_lock()) return adamw_impl(a, run);
+  thread_local std::vector<int64_t> key;
+  key_of(key, a);
+  if (key != seen.key) {
+    seen.key.clear();
+    AdamWPlan plan = checked_plan(a, true);  // throws: no key kept
+    if (plan.writeback.empty()) seen.key.swap(key);
+    return run_plan(plan, run);
+  }
+  // The same tensors as last time, which passed every check: only the hyperparameters are new.
+  check_groups(a);
+  return run_plan(checked_plan(a, false), run);
+}
+
+RunAdamW adamw_kernel_for(c10::DeviceType type) { return kernels[static_cast<size_t>(type)]; }
+
+void set_adamw_kernel(c10::DeviceType type, RunAdamW run) { kernels[static_cast<size_t>(type)] = run; }
+
+void adamw_bump_versions(const AdamWArgs& a) {
+  using torch::autograd::impl::bump_version;
+  for (const at::Tensor& t : a.params) bump_version(t);
+  if (a.grad_scale.has_value() && a.grad_scale->defined()) {
+    for (size_t i = 0; i < a.grads.size(); ++i) {
+      const std::optional<at::Tensor> g = a.grads.get(i);
+      if (g.has_value() && g->defined()) bump_version(*g);
+    }
+  }
+  for (at::TensorList list : {a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs, a.state_steps}) {
+    for (const at::Tensor& t : list) bump_version(t);
+  }
+}
+
+at::Tensor adamw_op(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
+                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lr,
+                    at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
+                    at::ArrayRef<double> weight_decay, at::ArrayRef<double> l2_weight, at::IntArrayRef flags,
+                    const c10::List<std::optional<at::Tensor>>& lr_tensors,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    RunAdamW run) {
+  const AdamWArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lr, beta1, beta2,
+                    eps, weight_decay, l2_weight, flags, lr_tensors, grad_scale, found_inf};
+  return adamw_impl(a, run);
+}
+
+}  // namespace l2fast
+
+// The Autograd kernel (the step is not differentiable: it runs below autograd, as torch's fused
+// optimizers do) and the ADInplaceOrView kernel (version bumps of every tensor it writes), plus the
+// fallback for a call with no tensors or on a device without a kernel.
+namespace {
+
+using l2fast::AdamWArgs;
+using OptTensors = c10::List<std::optional<at::Tensor>>;
+
+at::Tensor redispatch(c10::DispatchKeySet ks, at::TensorList p, const OptTensors& g, at::TensorList m,
+                      at::TensorList v, at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes,
+                      at::ArrayRef<double> lr, at::ArrayRef<double> b1, at::ArrayRef<double> b2,
+                      at::ArrayRef<double> eps, at::ArrayRef<double> wd, at::ArrayRef<double> l2,
+                      at::IntArrayRef flags, const OptTensors& lrt, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& inf) {
+  return l2fast::adamw_redispatch(ks, p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags, lrt, scale,
+                                  inf);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
+  m.impl("adamw_", [](c10::DispatchKeySet ks, at::TensorList p, const OptTensors& g, at::TensorList m,
+                      at::TensorList v, at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes,
+                      at::ArrayRef<double> lr, at::ArrayRef<double> b1, at::ArrayRef<double> b2,
+                      at::ArrayRef<double> eps, at::ArrayRef<double> wd, at::ArrayRef<double> l2,
+                      at::IntArrayRef flags, const OptTensors& lrt, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& inf) {
+    at::AutoDispatchBelowAutograd guard;
+    return redispatch(ks & c10::after_autograd_keyset, p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags,
+                      lrt, scale, inf);
+  });
+}
+
+TORCH_LIBRARY_IMPL(l2fast, ADInplaceOrView, m) {
+  m.impl("adamw_", [](c10::DispatchKeySet ks, at::TensorList p, const OptTensors& g, at::TensorList m,
+                      at::TensorList v, at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes,
+                      at::ArrayRef<double> lr, at::ArrayRef<double> b1, at::ArrayRef<double> b2,
+                      at::ArrayRef<double> eps, at::ArrayRef<double> wd, at::ArrayRef<double> l2,
+                      at::IntArrayRef flags, const OptTensors& lrt, const std::optional<at::Tensor>& scale,
+                      const std::optional<at::Tensor>& inf) {
+    at::Tensor value;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      value = redispatch(ks & c10::after_ADInplaceOrView_keyset, p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd,
+                         l2, flags, lrt, scale, inf);
+    }
+    l2fast::adamw_bump_versions(AdamWArgs{p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags, lrt, scale, inf});
+    return value;
+  });
+}
+
+TORCH_LIBRARY_IMPL(l2fast, CompositeExplicitAutograd, m) {
+  m.impl("adamw_", [](at::TensorList p, const OptTensors& g, at::TensorList m, at::TensorList v,
+                      at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes, at::ArrayRef<double> lr,
+                      at::ArrayRef<double> b1, at::ArrayRef<double> b2, at::ArrayRef<double> eps,
+                      at::ArrayRef<double> wd, at::ArrayRef<double> l2, at::IntArrayRef flags, const OptTensors& lrt,
+                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& inf) {
+    for (size_t i = 0; i < p.size(); ++i) {
+      if (p[i].defined()) l2fast::check_layout("l2fast.adamw_", "params", i, p[i]);
+    }
+    TORCH_CHECK_NOT_IMPLEMENTED(p.empty(), "l2fast.adamw_: params[0] is on ", p[0].device(),
+                                "; l2fast has AdamW kernels for cpu and cuda tensors only");
+    // Nothing to update; the hyperparameters are still checked, as with params.
+    return l2fast::adamw_impl(AdamWArgs{p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags, lrt, scale, inf},
+                              nullptr);
+  });
+}
