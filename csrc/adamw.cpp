@@ -58,8 +58,9 @@ void check_disjoint(const std::vector<Role>& roles) {
       const Role& b = roles[cur.role];
       if (!a.written && !b.written) continue;
       if (!share_memory(a.tensors[o->e.index], b.tensors[cur.e.index])) continue;
-      // Name a written tensor first.
-      const bool b_first = b.written && !a.written;
+      // Name a written tensor first; of two written ones, the later in the call's order (as l2_penalty_ does).
+      const bool later = cur.role != o->role ? cur.role > o->role : cur.e.index > o->e.index;
+      const bool b_first = b.written && (!a.written || later);
       const Role& x = b_first ? b : a;
       const Role& y = b_first ? a : b;
       const int64_t xi = b_first ? cur.e.index : o->e.index, yi = b_first ? o->e.index : cur.e.index;

@@ -177,10 +177,11 @@ class AdamW(Optimizer):
                 trial = {**group, **{key: v for key, v in s.items() if key != "params"}}
                 trial["betas"] = tuple(trial["betas"])
                 _check_hyperparameters(trial, f" (saved param_groups[{k}])")
-        weights = [g["weight"] for g in self.param_groups]
+        weights = [None if "weight" in s else g["weight"] for g, s in zip(self.param_groups, saved)]
         super().load_state_dict(state_dict)
         for group, w in zip(self.param_groups, weights):
-            group.setdefault("weight", w)
+            if w is not None:
+                group["weight"] = w
             group["betas"] = tuple(group["betas"])
             group["decoupled_weight_decay"] = True
             for p in group["params"]:
@@ -212,8 +213,8 @@ class AdamW(Optimizer):
         """One AdamW step of every param with the penalty's gradient added; `self.penalty` its value.
 
         Runs torch's step hooks (and the profiler's label) as every torch optimizer does."""
-        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
-                or _GLOBAL_POST_HOOKS or torch.autograd._profiler_enabled()):
+        if (torch.compiler.is_compiling() or self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS or torch.autograd._profiler_enabled()):
             return _HOOKED_STEP(self, closure)
         return _step(self, closure)
 
