@@ -120,4 +120,61 @@ def ddp(rank, world):
     return {"value": value, "grads": grads_of(model)}
 
 
-SCENARIOS = {"fsdp2": fsdp2, "hsdp": hsdp, "ddp": ddp}
+# ----------------------------------------------------------------------------- l2fast.optim.AdamW (tests/test_optim.py)
+
+OPTIM_STEPS = 3
+
+
+def optim_rounds(model, local_batch):
+    """OPTIM_STEPS steps of l2fast.optim.AdamW over decay groups: each step's penalty, then the full
+    params and first moments."""
+    import l2fast
+    from l2fast.optim import AdamW
+
+    opt = AdamW(l2fast.decay_groups(model, WEIGHT), lr=1e-2, weight_decay=0.1)
+    x, y = local_batch
+    values = []
+    for _ in range(OPTIM_STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        values.append(opt.penalty.item())
+    return {"values": values, "value_type": type(opt.penalty).__name__,
+            "params": [full(p) for p in model.parameters()],
+            "exp_avgs": [full(opt.state[p]["exp_avg"]) for p in model.parameters()],
+            "state_types": sorted({type(opt.state[p]["exp_avg"]).__name__ for p in model.parameters()})}
+
+
+def optim_fsdp2(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    model = uneven_mlp()
+    for layer in (model[0], model[3]):
+        fully_shard(layer)
+    fully_shard(model)
+    return optim_rounds(model, batch(rank, world))
+
+
+def optim_hsdp(rank, world):
+    """The hsdp scenario's two meshes: a 2x2 (replicate, shard) mesh and a flat 4-way one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    flat = init_device_mesh("cpu", (4,))
+    model = uneven_mlp()
+    fully_shard(model[0], mesh=mesh2d)
+    fully_shard(model[1], mesh=mesh2d)
+    fully_shard(model[3], mesh=flat)
+    fully_shard(model, mesh=mesh2d)
+    return optim_rounds(model, batch(rank, world))
+
+
+def optim_ddp(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+
+    return optim_rounds(DistributedDataParallel(uneven_mlp()), batch(rank, world))
+
+
+SCENARIOS = {"fsdp2": fsdp2, "hsdp": hsdp, "ddp": ddp, "optim_fsdp2": optim_fsdp2, "optim_hsdp": optim_hsdp,
+             "optim_ddp": optim_ddp}

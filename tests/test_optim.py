@@ -607,3 +607,42 @@ def test_pickle_and_deepcopy_keep_working():
     assert clone.penalty.item() > 0
     restored = pickle.loads(pickle.dumps(opt.state_dict()))
     assert set(restored["state"]) == set(opt.state_dict()["state"])
+
+
+# ----------------------------------------------------------------------------- FSDP2, HSDP, DDP (gloo processes)
+
+def unsharded_optim_reference():
+    """The same steps on the unsharded model and the whole batch in one process."""
+    import dist_workers as W
+
+    model = W.uneven_mlp()
+    opt = AdamW(l2fast.decay_groups(model, W.WEIGHT), lr=1e-2, weight_decay=0.1)
+    x, y = W.batch()
+    values = []
+    for _ in range(W.OPTIM_STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        values.append(opt.penalty.item())
+    return values, [p.detach() for p in model.parameters()], [opt.state[p]["exp_avg"] for p in model.parameters()]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed with gloo is needed")
+@pytest.mark.parametrize("scenario, world, state_type", [("optim_fsdp2", 2, "DTensor"), ("optim_hsdp", 4, "DTensor"),
+                                                          ("optim_ddp", 2, "Tensor")])
+def test_sharded_training_matches_the_unsharded_reference(tmp_path, scenario, world, state_type):
+    """FSDP2 (uneven and empty shards), HSDP (a replicate dim and a second mesh) and DDP: the update runs
+    on each rank's local shards, the state stays sharded like the params, and the penalty is the global
+    value (a plain tensor, the same on every rank, no replica counted twice)."""
+    from test_distributed import spawn
+
+    values, params, exp_avgs = unsharded_optim_reference()
+    results = spawn(scenario, world, tmp_path)
+    for rank, r in enumerate(results):
+        assert r["value_type"] == "Tensor" and r["state_types"] == [state_type]
+        assert r["values"] == pytest.approx(values, rel=1e-6), f"rank {rank}"
+        for i, (p, m) in enumerate(zip(params, exp_avgs)):
+            torch.testing.assert_close(torch.tensor(r["params"][i]), p, rtol=1e-5, atol=1e-6,
+                                       msg=lambda e: f"rank {rank} param {i}: {e}")
+            torch.testing.assert_close(torch.tensor(r["exp_avgs"][i]), m, rtol=1e-4, atol=1e-7,
+                                       msg=lambda e: f"rank {rank} exp_avg {i}: {e}")
