@@ -18,8 +18,8 @@
 namespace l2fast {
 namespace {
 
-constexpr int64_t kChunk = 16384;          // elements per task
-constexpr int64_t kSerialBelow = 1 << 16;  // elements: below this a thread fork costs more than it saves
+constexpr int64_t kChunk = 8192;           // elements per partial: ~10x l2_penalty_'s work per element
+constexpr int64_t kSerialBelow = 1 << 15;  // elements: below this a thread fork costs more than it saves
 constexpr int kRun = 16;                   // vectors each lane sums in float before the sum moves to float64
 
 enum class Grad { kNone, kPlain, kScaled };  // no data grad (penalty only); read; unscaled and written back
@@ -102,10 +102,12 @@ inline void adamw_math(V& p, V g, V& m, V& v, V& vmax, const C& c) {
 }
 
 // float and double: one Vectorized<T> per block; the last, partial block through the same
-// vector code (so every element gets the same arithmetic).
+// vector code (so every element gets the same arithmetic). The constants and the sum are copies
+// local to the loop: Vectorized members may alias the T* stores, which would reload them every block.
 template <typename T, bool AMSGRAD, Grad G>
-void update_same(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const Consts<T>& c, SumSq<T>& sq) {
+void update_same(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const Consts<T> c, SumSq<T>& total) {
   using V = at::vec::Vectorized<T>;
+  SumSq<T> sq = total;
   for (int64_t i = 0; i < n; i += V::size()) {
     const int k = static_cast<int>(std::min<int64_t>(V::size(), n - i));
     V pv = V::loadu(p + i, k), mv = V::loadu(m + i, k), vv = V::loadu(v + i, k), xv;
@@ -123,12 +125,14 @@ void update_same(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const Consts<T>& c,
     if constexpr (AMSGRAD) xv.store(vmax + i, k);
     pv.store(p + i, k);
   }
+  total = sq;
 }
 
 // float16/bfloat16: each block converted to two float vectors, as torch's kernel does (opmath float).
 template <typename T, bool AMSGRAD, Grad G>
-void update_reduced(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const Consts<float>& c, SumSq<float>& sq) {
+void update_reduced(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const Consts<float> c, SumSq<float>& total) {
   using L = at::vec::Vectorized<T>;
+  SumSq<float> sq = total;
   using V = at::vec::Vectorized<float>;
   auto load = [](const T* x, int k) { return at::vec::convert_to_float<T>(L::loadu(x, k)); };
   auto store = [](T* x, int k, const V& a, const V& b) { at::vec::convert_from_float<T>(a, b).store(x, k); };
@@ -158,6 +162,7 @@ void update_reduced(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const Consts<flo
     if constexpr (AMSGRAD) store(vmax + i, k, x0, x1);
     store(p + i, k, p0, p1);
   }
+  total = sq;
 }
 
 // found_inf is 1: nothing is written, the penalty is still summed.
@@ -243,10 +248,23 @@ at::Tensor run_cpu(const AdamWPlan& plan) {
     }
   };
   const int64_t n = static_cast<int64_t>(chunks.size());
-  if (numel < kSerialBelow) {
+  const int64_t threads = at::get_num_threads();
+  if (numel < kSerialBelow || threads == 1 || n == 1) {
     work(0, n);
   } else {
-    at::parallel_for(0, n, 1, work);
+    // One run of consecutive chunks of about numel / threads elements per thread (at::parallel_for
+    // splits a range by count, and a model's small tensors make small chunks). Which thread does a
+    // chunk never changes its partial: the result is the same for any split.
+    std::vector<int64_t> bounds{0};
+    int64_t done = 0;
+    for (int64_t c = 0; c < n; ++c) {
+      done += chunks[c].end - chunks[c].begin;
+      if (done * threads >= numel * static_cast<int64_t>(bounds.size()) && c + 1 < n) bounds.push_back(c + 1);
+    }
+    bounds.push_back(n);
+    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) work(bounds[t], bounds[t + 1]);
+    });
   }
   if (!skip) {
     for (const AdamWSegment& s : plan.segments) *s.step.mutable_data_ptr<float>() += 1.0f;
