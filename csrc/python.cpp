@@ -353,7 +353,10 @@ PyObject* adamw_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
     pybind11::gil_scoped_release no_gil;  // as torch.ops calls do
     const l2fast::AdamWArgs a{params, grads, m, v, vmax, steps, sizes, lr, beta1, beta2, eps, wd, l2, flags,
                               lr_tensors, scale_inf[0], scale_inf[1]};
-    value = l2fast::adamw_cached(*seen, a, run);
+    {
+      at::AutoDispatchBelowADInplaceOrView below;  // where the op's backend kernel runs: stand-ins copy back
+      value = l2fast::adamw_cached(*seen, a, run);  // into leaf params without autograd seeing it
+    }
     l2fast::adamw_bump_versions(a);
     if (!frozen.empty()) {
       at::NoGradGuard no_grad;

@@ -2,7 +2,6 @@
 torch.optim.AdamW(fused=True), the seed's loss term and L2Penalty; the drop-in contract
 (state_dict both ways, GradScaler, hooks, add_param_group, zero_grad, torch.compile); bad arguments."""
 import copy
-import math
 
 import numpy as np
 import pytest
@@ -16,37 +15,10 @@ import l2fast
 import l2fast.ops  # noqa: F401  (registers torch.ops.l2fast.*)
 from l2fast.model import MLP
 from l2fast.optim import AdamW
+from l2fast.selftest import checks_optim
+from l2fast.selftest.checks_optim import adamw_reference
 
 EPS = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
-
-
-# ----------------------------------------------------------------------------- the float64 reference
-
-def reference_step(p, g, m, v, vmax, step, *, lr, betas, eps, weight_decay, l2_weight, amsgrad, maximize,
-                   grad_scale=None):
-    """One step in float64 from the given (any dtype) values, in the order of torch's algorithm:
-    g/scale, negated for maximize, plus 2·w·p of the old p; decoupled decay; moments; bias corrections.
-    Returns (p, m, v, vmax, w·‖p_old‖²); vmax None without amsgrad."""
-    p, m, v = p.double(), m.double(), v.double()
-    g = torch.zeros_like(p) if g is None else g.double()
-    if grad_scale is not None:
-        g = g / grad_scale
-    if maximize:
-        g = -g
-    g = g + 2 * l2_weight * p
-    value = l2_weight * (p * p).sum().item()
-    b1, b2 = betas
-    new_p = p * (1 - lr * weight_decay)
-    m = b1 * m + (1 - b1) * g
-    v = b2 * v + (1 - b2) * g * g
-    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
-    if amsgrad:
-        vmax = torch.maximum(vmax.double(), v)
-        denom = vmax.sqrt() / math.sqrt(bc2) + eps
-    else:
-        vmax = None
-        denom = v.sqrt() / math.sqrt(bc2) + eps
-    return new_p - lr / bc1 * m / denom, m, v, vmax, value
 
 
 def close(got, want, dtype, what, scale=1.0):
@@ -103,7 +75,7 @@ def test_step_matches_float64_reference(shapes, dtype, n_groups, seed, amsgrad, 
     opt.step()
     total = 0.0
     for n, (param, k, p, g, m, v, vmax) in enumerate(cases):
-        want_p, want_m, want_v, want_vmax, value = reference_step(p, g, m, v, vmax, start + 1, **hyper[k])
+        want_p, want_m, want_v, want_vmax, value, _ = adamw_reference(p, g, m, v, vmax, start + 1, **hyper[k])
         total += value
         state = opt.state[param]
         scale = float(p.double().abs().max()) if p.numel() else 1.0
@@ -119,6 +91,21 @@ def test_step_matches_float64_reference(shapes, dtype, n_groups, seed, amsgrad, 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert opt.penalty.dtype == acc and opt.penalty.shape == () and opt.penalty.device.type == "cpu"
     assert opt.penalty.item() == pytest.approx(total, rel=1e-6, abs=1e-30)
+
+
+def test_selftest_check_fails_against_a_wrong_reference(monkeypatch):
+    """The self-test's float64 comparison can fail: a reference off by one part in 1e5 is caught."""
+    from l2fast.selftest import Context
+    from l2fast.selftest.runner import run_check
+
+    def off(*args, **kwargs):
+        out = list(adamw_reference(*args, **kwargs))
+        out[0] = out[0] * (1 + 1e-5)
+        return tuple(out)
+
+    monkeypatch.setattr(checks_optim, "adamw_reference", off)
+    result = run_check(checks_optim.values_check("cpu"), Context(quick=True))
+    assert result.status == "fail" and "param" in result.detail and "float64 reference" in result.detail
 
 
 def test_penalty_is_none_before_the_first_step_and_the_old_params_after():
@@ -523,7 +510,7 @@ def test_bad_state_is_refused_before_anything_is_written():
     assert all(torch.equal(x, y) for x, y in zip(before, after))
 
 
-def test_views_of_one_buffer_and_non_dense_params():
+def test_views_of_one_buffer_and_transposed_params():
     """Params that are slices of one flat buffer (as FSDP1/Megatron keep them) and a transposed one:
     each updated as a lone tensor would be."""
     flat = torch.randn(64)
@@ -539,6 +526,24 @@ def test_views_of_one_buffer_and_non_dense_params():
     for p, q in zip(parts, lone):
         assert torch.equal(p.detach(), q.detach())
     assert opt.penalty.item() == pytest.approx(ref.penalty.item(), rel=1e-6)
+
+
+def test_state_laid_out_unlike_its_param_is_written_back():
+    """A state tensor whose strides differ from its param's (a checkpoint saved contiguous for a
+    transposed param) goes through a dense stand-in that is copied back, also on the direct call."""
+    p = nn.Parameter(torch.randn(6, 8).t())
+    q = nn.Parameter(p.detach().clone())
+    p.grad, q.grad = torch.ones(8, 6), torch.ones(8, 6)
+    opt, ref = AdamW([p], lr=0.1, l2_weight=0.1), AdamW([q], lr=0.1, l2_weight=0.1)
+    opt.step()
+    ref.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        opt.state[p][key] = opt.state[p][key].contiguous()
+        assert opt.state[p][key].stride() != p.stride()
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    assert torch.equal(p.detach(), q.detach()) and torch.equal(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
 
 
 @pytest.mark.slow

@@ -77,12 +77,12 @@ def _devices(requested):
 
 
 def all_checks():
-    from . import checks_cuda, checks_ops, checks_proc, checks_torch
+    from . import checks_cuda, checks_ops, checks_optim, checks_proc, checks_torch
 
     checks = [rep.build_check()]
     for device in ("cpu", "cuda"):
-        checks += checks_ops.checks(device) + checks_torch.checks(device)
-    return checks + checks_cuda.checks() + checks_proc.checks()
+        checks += checks_ops.checks(device) + checks_torch.checks(device) + checks_optim.checks(device)
+    return checks + checks_cuda.checks() + checks_optim.cuda_checks() + checks_proc.checks()
 
 
 def _names(text):
