@@ -103,20 +103,20 @@ void check_scalar(const char* name, int64_t i, const at::Tensor& t, const at::De
   }
 }
 
+void check_count(const char* name, size_t got, size_t want, const char* per) {
+  TORCH_CHECK_VALUE(got == want, kOp, ": got ", got, " ", name, " for ", want, " ", per, "s; expected one per ", per);
+}
+
 // Hyperparameters as torch.optim.AdamW checks them at construction (same words), plus the L2 weight.
 void check_groups(const AdamWArgs& a) {
   const size_t G = a.group_sizes.size();
-  auto same_length = [&](const char* name, size_t n) {
-    TORCH_CHECK_VALUE(n == G, kOp, ": got ", n, " ", name, " for ", G, " groups; expected one per group");
-  };
-  same_length("lr", a.lr.size());
-  same_length("beta1", a.beta1.size());
-  same_length("beta2", a.beta2.size());
-  same_length("eps", a.eps.size());
-  same_length("weight_decay", a.weight_decay.size());
-  same_length("l2_weight", a.l2_weight.size());
-  same_length("flags", a.flags.size());
-  if (a.lr_tensors.size() != 0) same_length("lr_tensors", a.lr_tensors.size());
+  for (const auto& [name, n] : {std::pair<const char*, size_t>{"lr", a.lr.size()}, {"beta1", a.beta1.size()},
+                                {"beta2", a.beta2.size()}, {"eps", a.eps.size()},
+                                {"weight_decay", a.weight_decay.size()}, {"l2_weight", a.l2_weight.size()},
+                                {"flags", a.flags.size()}}) {
+    check_count(name, n, G, "group");
+  }
+  if (a.lr_tensors.size() != 0) check_count("lr_tensors", a.lr_tensors.size(), G, "group");
   int64_t total = 0;
   for (size_t k = 0; k < G; ++k) {
     TORCH_CHECK_VALUE(a.group_sizes[k] >= 0, kOp, ": group_sizes[", k, "] is ", a.group_sizes[k],
@@ -145,13 +145,10 @@ AdamWPlan checked_plan(const AdamWArgs& a, bool check) {
   AdamWPlan plan;
   if (check) {
     check_groups(a);
-    auto same_n = [&](const char* name, size_t got) {
-      TORCH_CHECK_VALUE(got == n, kOp, ": got ", n, " params but ", got, " ", name, "; expected one per param");
-    };
-    same_n("grads", a.grads.size());
-    same_n("exp_avgs", a.exp_avgs.size());
-    same_n("exp_avg_sqs", a.exp_avg_sqs.size());
-    same_n("state_steps", a.state_steps.size());
+    check_count("grads", a.grads.size(), n, "param");
+    check_count("exp_avgs", a.exp_avgs.size(), n, "param");
+    check_count("exp_avg_sqs", a.exp_avg_sqs.size(), n, "param");
+    check_count("state_steps", a.state_steps.size(), n, "param");
   }
   plan.device = n ? a.params[0].device() : at::Device(at::kCPU);
   plan.groups.reserve(a.group_sizes.size());
@@ -273,19 +270,11 @@ void key_of(std::vector<int64_t>& key, const AdamWArgs& a) {
   key.insert(key.end(), a.group_sizes.begin(), a.group_sizes.end());
   key.insert(key.end(), a.flags.begin(), a.flags.end());
   auto add = [&key](const at::Tensor& t) {
-    if (!t.defined()) {
+    if (t.defined()) {
+      append_key(key, t);
+    } else {
       key.push_back(0);
-      return;
     }
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    key.push_back(reinterpret_cast<intptr_t>(impl));
-    key.push_back(reinterpret_cast<intptr_t>(impl->unsafe_storage().unsafeGetStorageImpl()));
-    key.push_back(impl->storage_offset());
-    key.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
-    key.push_back(static_cast<int64_t>(impl->device_type()) << 8 | static_cast<uint8_t>(impl->device().index()));
-    key.push_back(impl->dim());
-    key.insert(key.end(), impl->sizes().begin(), impl->sizes().end());
-    key.insert(key.end(), impl->strides().begin(), impl->strides().end());
   };
   for (size_t i = 0; i < a.params.size(); ++i) {
     add(a.params[i]);
@@ -348,85 +337,22 @@ void adamw_bump_versions(const AdamWArgs& a) {
   }
 }
 
-at::Tensor adamw_op(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
-                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lr,
-                    at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
-                    at::ArrayRef<double> weight_decay, at::ArrayRef<double> l2_weight, at::IntArrayRef flags,
-                    const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    RunAdamW run) {
-  const AdamWArgs a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lr, beta1, beta2,
-                    eps, weight_decay, l2_weight, flags, lr_tensors, grad_scale, found_inf};
-  return adamw_impl(a, run);
+at::Tensor adamw_fallback(const AdamWArgs& a) {
+  for (size_t i = 0; i < a.params.size(); ++i) {
+    if (a.params[i].defined()) check_layout(kOp, "params", i, a.params[i]);
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(a.params.empty(), kOp, ": params[0] is on ", a.params[0].device(),
+                              "; l2fast has AdamW kernels for cpu and cuda tensors only");
+  return adamw_impl(a, nullptr);  // nothing to update; the hyperparameters are still checked
 }
 
 }  // namespace l2fast
 
-// The Autograd kernel (the step is not differentiable: it runs below autograd, as torch's fused
-// optimizers do) and the ADInplaceOrView kernel (version bumps of every tensor it writes), plus the
-// fallback for a call with no tensors or on a device without a kernel.
-namespace {
+TORCH_LIBRARY_IMPL(l2fast, Autograd, m) { m.impl("adamw_", TORCH_FN(l2fast::AdamWOp::below<false>)); }
 
-using l2fast::AdamWArgs;
-using OptTensors = c10::List<std::optional<at::Tensor>>;
+TORCH_LIBRARY_IMPL(l2fast, ADInplaceOrView, m) { m.impl("adamw_", TORCH_FN(l2fast::AdamWOp::below<true>)); }
 
-at::Tensor redispatch(c10::DispatchKeySet ks, at::TensorList p, const OptTensors& g, at::TensorList m,
-                      at::TensorList v, at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes,
-                      at::ArrayRef<double> lr, at::ArrayRef<double> b1, at::ArrayRef<double> b2,
-                      at::ArrayRef<double> eps, at::ArrayRef<double> wd, at::ArrayRef<double> l2,
-                      at::IntArrayRef flags, const OptTensors& lrt, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& inf) {
-  return l2fast::adamw_redispatch(ks, p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags, lrt, scale,
-                                  inf);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(l2fast, Autograd, m) {
-  m.impl("adamw_", [](c10::DispatchKeySet ks, at::TensorList p, const OptTensors& g, at::TensorList m,
-                      at::TensorList v, at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes,
-                      at::ArrayRef<double> lr, at::ArrayRef<double> b1, at::ArrayRef<double> b2,
-                      at::ArrayRef<double> eps, at::ArrayRef<double> wd, at::ArrayRef<double> l2,
-                      at::IntArrayRef flags, const OptTensors& lrt, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& inf) {
-    at::AutoDispatchBelowAutograd guard;
-    return redispatch(ks & c10::after_autograd_keyset, p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags,
-                      lrt, scale, inf);
-  });
-}
-
-TORCH_LIBRARY_IMPL(l2fast, ADInplaceOrView, m) {
-  m.impl("adamw_", [](c10::DispatchKeySet ks, at::TensorList p, const OptTensors& g, at::TensorList m,
-                      at::TensorList v, at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes,
-                      at::ArrayRef<double> lr, at::ArrayRef<double> b1, at::ArrayRef<double> b2,
-                      at::ArrayRef<double> eps, at::ArrayRef<double> wd, at::ArrayRef<double> l2,
-                      at::IntArrayRef flags, const OptTensors& lrt, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& inf) {
-    at::Tensor value;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      value = redispatch(ks & c10::after_ADInplaceOrView_keyset, p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd,
-                         l2, flags, lrt, scale, inf);
-    }
-    l2fast::adamw_bump_versions(AdamWArgs{p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags, lrt, scale, inf});
-    return value;
-  });
-}
-
+// Reached only when no backend kernel applies: an empty params list, or a device or layout without one.
 TORCH_LIBRARY_IMPL(l2fast, CompositeExplicitAutograd, m) {
-  m.impl("adamw_", [](at::TensorList p, const OptTensors& g, at::TensorList m, at::TensorList v,
-                      at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes, at::ArrayRef<double> lr,
-                      at::ArrayRef<double> b1, at::ArrayRef<double> b2, at::ArrayRef<double> eps,
-                      at::ArrayRef<double> wd, at::ArrayRef<double> l2, at::IntArrayRef flags, const OptTensors& lrt,
-                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& inf) {
-    for (size_t i = 0; i < p.size(); ++i) {
-      if (p[i].defined()) l2fast::check_layout("l2fast.adamw_", "params", i, p[i]);
-    }
-    TORCH_CHECK_NOT_IMPLEMENTED(p.empty(), "l2fast.adamw_: params[0] is on ", p[0].device(),
-                                "; l2fast has AdamW kernels for cpu and cuda tensors only");
-    // Nothing to update; the hyperparameters are still checked, as with params.
-    return l2fast::adamw_impl(AdamWArgs{p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags, lrt, scale, inf},
-                              nullptr);
-  });
+  m.impl("adamw_", TORCH_FN(l2fast::AdamWOp::backend<nullptr>));
 }

@@ -81,15 +81,37 @@ void set_adamw_kernel(c10::DeviceType type, RunAdamW run);
 // What adamw_'s ADInplaceOrView kernel does (and the direct call): bump every written tensor's version.
 void adamw_bump_versions(const AdamWArgs& a);
 
-// The op's backend kernel over `run`, registered for one device type.
-at::Tensor adamw_op(at::TensorList params, const c10::List<std::optional<at::Tensor>>& grads,
-                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                    at::TensorList state_steps, at::IntArrayRef group_sizes, at::ArrayRef<double> lr,
-                    at::ArrayRef<double> beta1, at::ArrayRef<double> beta2, at::ArrayRef<double> eps,
-                    at::ArrayRef<double> weight_decay, at::ArrayRef<double> l2_weight, at::IntArrayRef flags,
-                    const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    RunAdamW run);
+// Refuses what the fallback is reached for (a layout or device without a kernel); no tensors: zero.
+at::Tensor adamw_fallback(const AdamWArgs& a);
+
+// adamw_'s kernels, written once over the schema's argument types (csrc/ops.h: AdamWSchema).
+template <typename Schema>
+struct AdamWKernels;
+
+template <typename... Args>
+struct AdamWKernels<at::Tensor(Args...)> {
+  // A backend's kernel over `run` (nullptr: the fallback for no tensors or a device without a kernel).
+  template <RunAdamW run>
+  static at::Tensor backend(Args... args) {
+    return run == nullptr ? adamw_fallback(AdamWArgs{args...}) : adamw_impl(AdamWArgs{args...}, run);
+  }
+  // The Autograd kernel (kBump false: the step is not differentiable and runs below autograd, as
+  // torch's fused optimizers do) and the ADInplaceOrView kernel (kBump: every written tensor's version).
+  template <bool kBump>
+  static at::Tensor below(c10::DispatchKeySet ks, Args... args) {
+    at::Tensor value;
+    {
+      c10::impl::ExcludeDispatchKeyGuard guard(kBump ? c10::autograd_dispatch_keyset_with_ADInplaceOrView
+                                                     : c10::autograd_dispatch_keyset);
+      value = adamw_handle().redispatch(ks & (kBump ? c10::after_ADInplaceOrView_keyset : c10::after_autograd_keyset),
+                                        args...);
+    }
+    if (kBump) adamw_bump_versions(AdamWArgs{args...});
+    return value;
+  }
+};
+
+using AdamWOp = AdamWKernels<AdamWSchema>;
 
 }  // namespace l2fast
 
@@ -100,14 +122,7 @@ namespace l2fast {
 template <RunAdamW run>
 void register_adamw_kernel(torch::Library& m, c10::DeviceType type) {
   set_adamw_kernel(type, run);
-  m.impl("adamw_", [](at::TensorList p, const c10::List<std::optional<at::Tensor>>& g, at::TensorList m,
-                      at::TensorList v, at::TensorList vmax, at::TensorList steps, at::IntArrayRef sizes,
-                      at::ArrayRef<double> lr, at::ArrayRef<double> b1, at::ArrayRef<double> b2,
-                      at::ArrayRef<double> eps, at::ArrayRef<double> wd, at::ArrayRef<double> l2,
-                      at::IntArrayRef flags, const c10::List<std::optional<at::Tensor>>& lrt,
-                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& inf) {
-    return adamw_op(p, g, m, v, vmax, steps, sizes, lr, b1, b2, eps, wd, l2, flags, lrt, scale, inf, run);
-  });
+  m.impl("adamw_", TORCH_FN(AdamWOp::backend<run>));
 }
 
 }  // namespace l2fast

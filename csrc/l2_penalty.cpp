@@ -395,26 +395,27 @@ void key_of(std::vector<int64_t>& key, at::TensorList params, at::TensorList gra
   if (weights) {
     for (double w : *weights) add_double(w);
   }
-  // The storage and offset, not the address: validation places tensors by storage (extent_of), and a
-  // storage's buffer may move (resize_) without changing which tensors share memory.
-  auto add = [&key](const at::Tensor& t) {
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    key.push_back(reinterpret_cast<intptr_t>(impl));
-    key.push_back(reinterpret_cast<intptr_t>(impl->unsafe_storage().unsafeGetStorageImpl()));
-    key.push_back(impl->storage_offset());
-    key.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
-    key.push_back(static_cast<int64_t>(impl->device_type()) << 8 | static_cast<uint8_t>(impl->device().index()));
-    key.push_back(impl->dim());
-    key.insert(key.end(), impl->sizes().begin(), impl->sizes().end());
-    key.insert(key.end(), impl->strides().begin(), impl->strides().end());
-  };
   for (size_t i = 0; i < params.size(); ++i) {
-    add(params[i]);
-    add(grads[i]);
+    append_key(key, params[i]);
+    append_key(key, grads[i]);
   }
 }
 
 }  // namespace
+
+// The storage and offset, not the address: validation places tensors by storage (extent_of), and a
+// storage's buffer may move (resize_) without changing which tensors share memory.
+void append_key(std::vector<int64_t>& key, const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  key.push_back(reinterpret_cast<intptr_t>(impl));
+  key.push_back(reinterpret_cast<intptr_t>(impl->unsafe_storage().unsafeGetStorageImpl()));
+  key.push_back(impl->storage_offset());
+  key.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
+  key.push_back(static_cast<int64_t>(impl->device_type()) << 8 | static_cast<uint8_t>(impl->device().index()));
+  key.push_back(impl->dim());
+  key.insert(key.end(), impl->sizes().begin(), impl->sizes().end());
+  key.insert(key.end(), impl->strides().begin(), impl->strides().end());
+}
 
 at::Tensor l2_penalty_inplace_cached(Validated& seen, at::TensorList params, at::TensorList grads, double weight,
                                      at::IntArrayRef fresh, Weights weights, RunKernel run) {

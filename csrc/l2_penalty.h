@@ -81,6 +81,9 @@ struct Validated {
   std::mutex busy;  // two threads with one cache: the second validates in full and keeps nothing
 };
 
+// Appends what a validation's verdict on t depends on (identity, storage, offset, dtype, device, sizes, strides).
+void append_key(std::vector<int64_t>& key, const at::Tensor& t);
+
 // l2_penalty_inplace_impl with a Validated cache.
 at::Tensor l2_penalty_inplace_cached(Validated& seen, at::TensorList params, at::TensorList grads, double weight,
                                      at::IntArrayRef fresh, Weights weights, RunKernel run);

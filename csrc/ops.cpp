@@ -57,23 +57,9 @@ at::Tensor l2_penalty_redispatch(c10::DispatchKeySet ks, at::TensorList params, 
   return op.redispatch(ks, params, grads, weight, fresh, weights);
 }
 
-using AdamWSchema = at::Tensor(at::TensorList, const c10::List<std::optional<at::Tensor>>&, at::TensorList,
-                                 at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef, at::ArrayRef<double>,
-                                 at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>,
-                                 at::ArrayRef<double>, at::IntArrayRef, const c10::List<std::optional<at::Tensor>>&,
-                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
-
-at::Tensor adamw_redispatch(c10::DispatchKeySet ks, at::TensorList params,
-                            const c10::List<std::optional<at::Tensor>>& grads, at::TensorList exp_avgs,
-                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                            at::IntArrayRef group_sizes, at::ArrayRef<double> lr, at::ArrayRef<double> beta1,
-                            at::ArrayRef<double> beta2, at::ArrayRef<double> eps, at::ArrayRef<double> weight_decay,
-                            at::ArrayRef<double> l2_weight, at::IntArrayRef flags,
-                            const c10::List<std::optional<at::Tensor>>& lr_tensors,
-                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+const c10::TypedOperatorHandle<AdamWSchema>& adamw_handle() {
   static const auto op = handle<AdamWSchema>("l2fast::adamw_");
-  return op.redispatch(ks, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lr, beta1,
-                       beta2, eps, weight_decay, l2_weight, flags, lr_tensors, grad_scale, found_inf);
+  return op;
 }
 
 }  // namespace l2fast

@@ -108,7 +108,7 @@ def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     for name, got in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("state_steps", state_steps)):
         if len(got) != n:
-            raise ValueError(f"{op}: got {n} params but {len(got)} {name}; expected one per param")
+            raise ValueError(f"{op}: got {len(got)} {name} for {n} params; expected one per param")
     if sum(group_sizes) != n:
         raise ValueError(f"{op}: group_sizes add up to {sum(group_sizes)} but got {n} params; expected one entry "
                          "per param, group by group")

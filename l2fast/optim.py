@@ -281,8 +281,13 @@ class AdamW(Optimizer):
         def on_device(t):
             return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
 
+        grads = launch.grads
+        if torch.compiler.is_compiling() and any(g is None for g in grads):
+            # auto_functionalize (torch <= 2.14) fails on a None in a mutable Tensor?[]: a zero grad is the
+            # same data gradient (the penalty's alone), a temporary here.
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(launch.params, grads)]
         return torch.ops.l2fast.adamw_(
-            launch.params, launch.grads, launch.exp_avgs, launch.exp_avg_sqs, launch.maxes, launch.steps, launch.sizes,
+            launch.params, grads, launch.exp_avgs, launch.exp_avg_sqs, launch.maxes, launch.steps, launch.sizes,
             lrs, [_scalar(g["betas"][0]) for g in groups], [_scalar(g["betas"][1]) for g in groups],
             [g["eps"] for g in groups], [g["weight_decay"] for g in groups], [float(g["weight"]) for g in groups],
             [_AMSGRAD * bool(g["amsgrad"]) | _MAXIMIZE * bool(g["maximize"]) for g in groups],

@@ -82,17 +82,17 @@ def _penalty_rounds(model, local_batch):
     return out
 
 
-def fsdp2(rank, world):
+def fsdp2_model():
     from torch.distributed.fsdp import fully_shard
 
     model = uneven_mlp()
     for layer in (model[0], model[3]):
         fully_shard(layer)
     fully_shard(model)
-    return _penalty_rounds(model, batch(rank, world))
+    return model
 
 
-def hsdp(rank, world):
+def hsdp_model():
     """A 2x2 mesh (replicate, shard) for the first layer, a flat 4-way mesh for the last: two meshes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -104,7 +104,15 @@ def hsdp(rank, world):
     fully_shard(model[1], mesh=mesh2d)
     fully_shard(model[3], mesh=flat)
     fully_shard(model, mesh=mesh2d)
-    return _penalty_rounds(model, batch(rank, world))
+    return model
+
+
+def fsdp2(rank, world):
+    return _penalty_rounds(fsdp2_model(), batch(rank, world))
+
+
+def hsdp(rank, world):
+    return _penalty_rounds(hsdp_model(), batch(rank, world))
 
 
 def ddp(rank, world):
@@ -146,28 +154,11 @@ def optim_rounds(model, local_batch):
 
 
 def optim_fsdp2(rank, world):
-    from torch.distributed.fsdp import fully_shard
-
-    model = uneven_mlp()
-    for layer in (model[0], model[3]):
-        fully_shard(layer)
-    fully_shard(model)
-    return optim_rounds(model, batch(rank, world))
+    return optim_rounds(fsdp2_model(), batch(rank, world))
 
 
 def optim_hsdp(rank, world):
-    """The hsdp scenario's two meshes: a 2x2 (replicate, shard) mesh and a flat 4-way one."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-    flat = init_device_mesh("cpu", (4,))
-    model = uneven_mlp()
-    fully_shard(model[0], mesh=mesh2d)
-    fully_shard(model[1], mesh=mesh2d)
-    fully_shard(model[3], mesh=flat)
-    fully_shard(model, mesh=mesh2d)
-    return optim_rounds(model, batch(rank, world))
+    return optim_rounds(hsdp_model(), batch(rank, world))
 
 
 def optim_ddp(rank, world):

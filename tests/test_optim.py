@@ -510,6 +510,33 @@ def test_bad_state_is_refused_before_anything_is_written():
     assert all(torch.equal(x, y) for x, y in zip(before, after))
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(grads=a["grads"][:1]), r"got 1 grads for 2 params; expected one per param"),
+    (lambda a: a.update(lr=[1e-3, 1e-3]), r"got 2 lr for 1 groups; expected one per group"),
+    (lambda a: a.update(group_sizes=[1]), r"group_sizes add up to 1 but got 2 params"),
+    (lambda a: a.update(beta1=[1.0]), r"Invalid beta parameter at index 0: 1"),
+    (lambda a: a.update(l2_weight=[float("nan")]), r"l2_weight\[0\] is nan; expected a finite number >= 0"),
+    (lambda a: a.update(max_exp_avg_sqs=[torch.zeros(3)]), r"got 1 max_exp_avg_sqs for 0 params in amsgrad groups"),
+    (lambda a: a.update(state_steps=[torch.zeros(()), torch.zeros((), dtype=torch.float64)]),
+     r"state_steps\[1\] is a Double tensor of 1 element\(s\) on cpu; expected one float32 element on cpu"),
+    (lambda a: a.update(exp_avgs=[a["params"][1], a["exp_avgs"][1]]), r"params\[1\] shares memory with exp_avgs\[0\]|"
+                                                                       r"exp_avgs\[0\] shares memory with params\[1\]"),
+])
+def test_op_refuses_bad_lists_before_writing(change, message):
+    """torch.ops.l2fast.adamw_ directly: every list and hyperparameter checked before any write."""
+    params = [torch.randn(3), torch.randn(3)]
+    args = dict(params=params, grads=[torch.randn(3), None], exp_avgs=[torch.zeros(3), torch.zeros(3)],
+                exp_avg_sqs=[torch.zeros(3), torch.zeros(3)], max_exp_avg_sqs=[], state_steps=[torch.zeros(()),
+                torch.zeros(())], group_sizes=[2], lr=[1e-3], beta1=[0.9], beta2=[0.999], eps=[1e-8],
+                weight_decay=[0.0], l2_weight=[0.1], flags=[0], lr_tensors=[])
+    change(args)
+    before = [t.clone() for t in params + args["exp_avgs"] + args["state_steps"]]
+    with pytest.raises(ValueError, match=message):
+        torch.ops.l2fast.adamw_(**args)
+    after = params + args["exp_avgs"] + args["state_steps"]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_views_of_one_buffer_and_transposed_params():
     """Params that are slices of one flat buffer (as FSDP1/Megatron keep them) and a transposed one:
     each updated as a lone tensor would be."""
@@ -549,12 +576,14 @@ def test_state_laid_out_unlike_its_param_is_written_back():
 @pytest.mark.slow
 def test_torch_compile_of_a_train_step_matches_eager():
     """torch.compile of zero_grad + forward + backward + step: runs, with the step traced (the op has a
-    fake kernel; graph breaks only at zero_grad and backward, as with torch's optimizers)."""
+    fake kernel; graph breaks only at zero_grad and backward, as with torch's optimizers). An unused
+    param (no grad: the penalty's gradient alone) is in it too."""
     data = batches(4)
 
     def run(compiled):
         model = mlp16()
-        opt = AdamW(model.parameters(), lr=1e-2, l2_weight=1e-2)
+        unused = nn.Parameter(torch.ones(16))
+        opt = AdamW([*model.parameters(), unused], lr=1e-2, l2_weight=1e-2)
 
         def step(x, y):
             opt.zero_grad()
@@ -564,13 +593,25 @@ def test_torch_compile_of_a_train_step_matches_eager():
             return loss.detach(), opt.penalty
 
         fn = torch.compile(step) if compiled else step
-        return [torch.stack([a, b]) for a, b in (fn(x, y) for x, y in data)], list(model.parameters())
+        return [torch.stack([a, b]) for a, b in (fn(x, y) for x, y in data)], [*model.parameters(), unused]
 
     eager, compiled = run(False), run(True)
     for a, b in zip(eager[0], compiled[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     for a, b in zip(eager[1], compiled[1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(eager[1][-1], torch.ones(16))  # the unused param moved toward 0
+
+
+def test_opcheck():
+    """torch.library.opcheck: schema (mutations declared), autograd registration, fake kernel, aot_dispatch."""
+    params = [torch.randn(3), torch.randn(4, 2)]
+    args = (params, [torch.randn(3), torch.randn(4, 2)], [torch.zeros(3), torch.zeros(4, 2)],
+            [torch.zeros(3), torch.zeros(4, 2)], [torch.zeros(4, 2)], [torch.zeros(()), torch.zeros(())], [1, 1],
+            [1e-3, 2e-3], [0.9, 0.8], [0.999, 0.99], [1e-8, 1e-8], [0.0, 0.1], [0.1, 0.0], [0, 1],
+            [torch.tensor(0.5), None])
+    torch.library.opcheck(torch.ops.l2fast.adamw_.default, args,
+                          {"grad_scale": torch.tensor(2.0), "found_inf": torch.tensor(0.0)})
 
 
 def test_direct_call_and_op_path_give_the_same_bits():

@@ -20,7 +20,7 @@ import torch
 
 import l2fast
 from l2fast import engine
-from l2fast.bench.penalty import SIZES, make_params
+from l2fast.bench.penalty import SIZES, kernel_device, make_params
 from l2fast.bench.timing import compare
 from l2fast.errors import UsageError
 from l2fast.optim import AdamW
@@ -125,16 +125,7 @@ def check_args(args):
             threads.append(count)
     if args.rounds < 1:
         raise UsageError(f"--rounds {args.rounds}: expected at least 1 round")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device}: not a device; expected cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: l2fast has kernels for cpu and cuda only")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type == "cuda" and not l2fast.build_info()["cuda"]:
-        raise UsageError(f"--device {args.device}: this l2fast build has no CUDA kernels")
+    device = kernel_device(args.device)
     if device.type == "cuda":  # host threads do not change a CUDA step
         threads = [torch.get_num_threads()]
     counts = [tensors[min(i, len(tensors) - 1)] for i in range(sum(s != "mlp" for s in sizes))]

@@ -116,17 +116,22 @@ def check_args(args):
         raise UsageError(f"--tensors {args.tensors}: expected at least 1 tensor")
     if args.rounds < 1:
         raise UsageError(f"--rounds {args.rounds}: expected at least 1 round")
+    return sizes, kernel_device(args.device)
+
+
+def kernel_device(name):
+    """--device as a torch.device l2fast has kernels for here; a UsageError (one line, exit 2) otherwise."""
     try:
-        device = torch.device(args.device)
+        device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {args.device}: not a device; expected cpu or cuda[:N]") from None
+        raise UsageError(f"--device {name}: not a device; expected cpu or cuda[:N]") from None
     if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: l2fast has kernels for cpu and cuda only")
+        raise UsageError(f"--device {name}: l2fast has kernels for cpu and cuda only")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and not l2fast.build_info()["cuda"]:
-        raise UsageError(f"--device {args.device}: this l2fast build has no CUDA kernels")
-    return sizes, device
+        raise UsageError(f"--device {name}: this l2fast build has no CUDA kernels")
+    return device
 
 
 def run(args):
