@@ -692,3 +692,18 @@ def test_sharded_training_matches_the_unsharded_reference(tmp_path, scenario, wo
                                        msg=lambda e: f"rank {rank} param {i}: {e}")
             torch.testing.assert_close(torch.tensor(r["exp_avgs"][i]), m, rtol=1e-4, atol=1e-7,
                                        msg=lambda e: f"rank {rank} exp_avg {i}: {e}")
+
+
+# ----------------------------------------------------------------------------- CUDA (where a GPU is present)
+
+@pytest.mark.cuda
+def test_cuda_checks_of_the_selftest_pass():
+    """The self-test's CUDA checks of l2fast.optim.AdamW (float64, torch parity, GradScaler, determinism,
+    one launch per step, no host sync, graph capture); the benchmarks are left to the self-test."""
+    from l2fast.selftest import Context
+    from l2fast.selftest.runner import run_check
+
+    results = [run_check(c, Context(quick=True)) for c in checks_optim.checks("cuda") + checks_optim.cuda_checks()]
+    failed = {r.name: r.detail for r in results if r.status == "fail"}
+    assert not failed, failed
+    assert sum(r.status == "pass" for r in results) >= 7
