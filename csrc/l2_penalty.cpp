@@ -16,6 +16,8 @@ bool is_supported_dtype(at::ScalarType t) {
 
 bool dense(const at::Tensor& t) { return t.is_non_overlapping_and_dense(); }
 
+}  // namespace
+
 // name: the list as the op's schema calls it ("params", or sq_norm's "tensors").
 void check_param(const char* op, const char* name, at::TensorList params, size_t i) {
   const at::Tensor& p = params[i];
@@ -26,6 +28,8 @@ void check_param(const char* op, const char* name, at::TensorList params, size_t
   TORCH_CHECK_VALUE(p.device() == params[0].device(), op, ": ", name, "[", i, "] is on ", p.device(), " but ", name,
                     "[0] is on ", params[0].device(), "; all tensors must be on one device");
 }
+
+namespace {
 
 // The multiplier of params[i] in the plan: 0 (not read) when the tensor's effective weight
 // weight * weights[i] is 0, whatever the tensor holds (0 * NaN would be NaN).
@@ -252,6 +256,18 @@ at::Tensor l2_penalty_inplace_impl(at::TensorList params, at::TensorList grads, 
   return inplace_impl(params, grads, weight, fresh, weights, run, nullptr);
 }
 
+// The address of the data, not the storage object: validation places tensors by address (MemoryCheck),
+// and two storages may hold one memory. Nothing else of a tensor's identity enters the verdict.
+void append_key(std::vector<int64_t>& key, const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  key.push_back(reinterpret_cast<intptr_t>(impl->data()));
+  key.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
+  key.push_back(static_cast<int64_t>(impl->device_type()) << 8 | static_cast<uint8_t>(impl->device().index()));
+  key.push_back(impl->dim());
+  key.insert(key.end(), impl->sizes().begin(), impl->sizes().end());
+  key.insert(key.end(), impl->strides().begin(), impl->strides().end());
+}
+
 namespace {
 
 // Everything checked_plan's verdict on (params, grads, weight, weights) depends on, flattened.
@@ -271,18 +287,9 @@ void key_of(std::vector<int64_t>& key, at::TensorList params, at::TensorList gra
   }
   // The address of the data, not the storage object: validation places tensors by address (MemoryCheck),
   // and two storages may hold one memory. Nothing else of a tensor's identity enters the verdict.
-  auto add = [&key](const at::Tensor& t) {
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    key.push_back(reinterpret_cast<intptr_t>(impl->data()));
-    key.push_back(static_cast<int64_t>(impl->dtype().toScalarType()));
-    key.push_back(static_cast<int64_t>(impl->device_type()) << 8 | static_cast<uint8_t>(impl->device().index()));
-    key.push_back(impl->dim());
-    key.insert(key.end(), impl->sizes().begin(), impl->sizes().end());
-    key.insert(key.end(), impl->strides().begin(), impl->strides().end());
-  };
   for (size_t i = 0; i < params.size(); ++i) {
-    add(params[i]);
-    add(grads[i]);
+    append_key(key, params[i]);
+    append_key(key, grads[i]);
   }
 }
 

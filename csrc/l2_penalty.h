@@ -99,6 +99,10 @@ class MemoryCheck {
 
 void check_no_shared_memory(const char* op, std::initializer_list<MemoryCheck::Tensors> lists);
 
+// Rejects name[i] (one of params) when undefined, not dense, not float32/64/16/bf16, or not on
+// params[0]'s device.
+void check_param(const char* op, const char* name, at::TensorList params, size_t i);
+
 // Rejects a tensor that is not dense (sparse, mkldnn, ...) or is quantized, naming its layout.
 void check_layout(const char* op, const char* name, size_t i, const at::Tensor& t);
 // Rejects a non-finite `weight`, a `weights` list whose length is not n, or a non-finite entry.
@@ -121,6 +125,9 @@ struct Validated {
   bool in_place = false;  // the plan read and wrote the caller's tensors only (no stand-ins)
   std::mutex busy;        // two threads with one cache: the second validates in full and keeps nothing
 };
+
+// Appends what a validation's verdict on t depends on: its data address, dtype, device, sizes, strides.
+void append_key(std::vector<int64_t>& key, const at::Tensor& t);
 
 // l2_penalty_inplace_impl with a Validated cache.
 at::Tensor l2_penalty_inplace_cached(Validated& seen, at::TensorList params, at::TensorList grads, double weight,

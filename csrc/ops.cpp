@@ -13,6 +13,13 @@ TORCH_LIBRARY(l2fast, m) {
   // Reads each param once; see ops.h for what each op computes.
   m.def("l2_penalty_(Tensor[] params, Tensor(a!)[] grads, float weight, int[] fresh=[], "
         "float[]? weights=None) -> Tensor");
+  // AdamW with the coupled L2 penalty, over param groups in one pass (csrc/adamw.h). Per group:
+  // group_sizes params, hyperparameters, flags (1 amsgrad, 2 maximize); max_exp_avg_sqs for the
+  // params of amsgrad groups only; a grads entry None: the penalty's gradient alone.
+  m.def("adamw_(Tensor(a!)[] params, Tensor(b!)?[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+        "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, int[] group_sizes, float[] lr, float[] beta1, "
+        "float[] beta2, float[] eps, float[] weight_decay, float[] l2_weight, int[] flags, "
+        "Tensor?[] lr_tensors, Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor");
 }
 
 namespace l2fast {
@@ -48,6 +55,11 @@ at::Tensor l2_penalty_redispatch(c10::DispatchKeySet ks, at::TensorList params, 
                                  at::IntArrayRef fresh, Weights weights) {
   static const auto op = handle<decltype(l2_penalty_)>("l2fast::l2_penalty_");
   return op.redispatch(ks, params, grads, weight, fresh, weights);
+}
+
+const c10::TypedOperatorHandle<AdamWSchema>& adamw_handle() {
+  static const auto op = handle<AdamWSchema>("l2fast::adamw_");
+  return op;
 }
 
 }  // namespace l2fast

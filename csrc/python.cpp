@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "adamw.h"
 #include "l2_penalty.h"
 
 namespace {
@@ -207,6 +208,8 @@ PyObject* check_no_shared_memory(PyObject* /*module*/, PyObject* args) {
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
+PyObject* adamw_cache(PyObject* module, PyObject* unused);
+PyObject* adamw_step(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
 
 PyMethodDef methods[] = {
     {"_add_grad_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(add_grad)), METH_FASTCALL,
@@ -215,6 +218,9 @@ PyMethodDef methods[] = {
     {"_validated", validated, METH_NOARGS, "A new, empty validation cache for _add_grad_."},
     {"_check_no_shared_memory", check_no_shared_memory, METH_VARARGS,
      "Refuses a written tensor sharing memory with another listed tensor: (op, [(name, tensors, written)])."},
+    {"_adamw_step_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(adamw_step)), METH_FASTCALL,
+     "l2fast.optim.AdamW's step over plain tensors without the dispatcher; None when it must go through torch.ops."},
+    {"_adamw_cache", adamw_cache, METH_NOARGS, "A new, empty validation cache for _adamw_step_."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -225,3 +231,186 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+
+// ---------------------------------------------------------------------------------------------
+// l2fast.optim.AdamW's direct call: the step's tensors and hyperparameters read from the optimizer's
+// param_groups and state in C, then the adamw_ kernel without the dispatcher (a torch.ops call
+// boxes six tensor lists: ~3 µs plus ~0.25 µs per tensor, and the Python that builds the lists costs
+// more than the seed MLP's whole kernel).
+namespace {
+
+constexpr const char* kAdamWCapsule = "l2fast.AdamWValidated";
+
+PyObject* adamw_cache(PyObject* /*module*/, PyObject* /*unused*/) {
+  HANDLE_TH_ERRORS
+  return PyCapsule_New(new l2fast::AdamWValidated(), kAdamWCapsule, [](PyObject* capsule) {
+    delete static_cast<l2fast::AdamWValidated*>(PyCapsule_GetPointer(capsule, kAdamWCapsule));
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+// A real number (not a bool) as a double.
+bool as_double(PyObject* obj, double* out) {
+  if (PyFloat_Check(obj)) {
+    *out = PyFloat_AS_DOUBLE(obj);
+    return true;
+  }
+  if (PyLong_Check(obj) && !PyBool_Check(obj)) {
+    *out = PyLong_AsDouble(obj);
+    if (*out == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+// A plain tensor held by obj (a type without a __torch_function__ of its own), or nullptr.
+const at::Tensor* plain_tensor(PyObject* obj, PyTypeObject*& checked) {
+  if (obj == nullptr || !THPVariable_Check(obj)) return nullptr;
+  if (Py_TYPE(obj) != checked) {
+    if (overrides_torch_function(obj)) return nullptr;
+    checked = Py_TYPE(obj);
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  return plain(t) ? &t : nullptr;
+}
+
+// _adamw_step_(param_groups: list[dict], state: dict, grad_scale, found_inf, cache) -> Tensor | None
+//
+// What AdamW._step_slow does through torch.ops.l2fast.adamw_, with the same checks and errors, where
+// that would run the op's Autograd, ADInplaceOrView and backend kernels and nothing else: no
+// thread-local mode, plain CPU/CUDA tensors, every param to update with its state, float
+// hyperparameters (lr also a plain tensor), grad_scale/found_inf None or float32 on the params'
+// device. Otherwise it returns None having written nothing, and the caller takes the op path (which
+// initialises state and says what is wrong). A param without a grad: skipped when its weight is 0,
+// updated with the penalty's gradient alone when it requires grad, else (frozen) only in the value.
+PyObject* adamw_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 5 && PyList_Check(args[0]) && PyDict_Check(args[1]) &&
+                       PyCapsule_IsValid(args[4], kAdamWCapsule),
+                   "l2fast._C._adamw_step_(param_groups: list, state: dict, grad_scale, found_inf, cache)");
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  if (tls.included_ != c10::default_included_set || tls.excluded_ != c10::default_excluded_set ||
+      at::impl::torch_function_mode_enabled()) {
+    Py_RETURN_NONE;
+  }
+  static PyObject* const kKeys[] = {
+      PyUnicode_InternFromString("params"),       PyUnicode_InternFromString("lr"),
+      PyUnicode_InternFromString("betas"),        PyUnicode_InternFromString("eps"),
+      PyUnicode_InternFromString("weight_decay"), PyUnicode_InternFromString("weight"),
+      PyUnicode_InternFromString("amsgrad"),      PyUnicode_InternFromString("maximize"),
+      PyUnicode_InternFromString("step"),         PyUnicode_InternFromString("exp_avg"),
+      PyUnicode_InternFromString("exp_avg_sq"),   PyUnicode_InternFromString("max_exp_avg_sq")};
+  enum { kParams, kLr, kBetas, kEps, kWd, kWeight, kAms, kMax, kStep, kExpAvg, kExpAvgSq, kMaxExpAvgSq };
+  PyObject* const groups = args[0];
+  PyObject* const state = args[1];
+  const Py_ssize_t G = PyList_GET_SIZE(groups);
+  PyTypeObject* checked = nullptr;
+
+  std::vector<at::Tensor> params, m, v, vmax, steps, frozen;
+  c10::List<std::optional<at::Tensor>> grads, lr_tensors;
+  std::vector<int64_t> sizes(G, 0), flags(G, 0);
+  std::vector<double> lr(G), beta1(G), beta2(G), eps(G), wd(G), l2(G), frozen_w;
+  bool any_lr_tensor = false, any_double = false;
+  for (Py_ssize_t k = 0; k < G; ++k) {
+    PyObject* group = PyList_GET_ITEM(groups, k);
+    if (!PyDict_Check(group)) Py_RETURN_NONE;
+    PyObject* members = PyDict_GetItem(group, kKeys[kParams]);  // borrowed; never raises
+    PyObject* betas = PyDict_GetItem(group, kKeys[kBetas]);
+    PyObject* lr_obj = PyDict_GetItem(group, kKeys[kLr]);
+    PyObject* ams = PyDict_GetItem(group, kKeys[kAms]);
+    PyObject* maxi = PyDict_GetItem(group, kKeys[kMax]);
+    if (!members || !PyList_Check(members) || !betas || !PyTuple_Check(betas) || PyTuple_GET_SIZE(betas) != 2 ||
+        !lr_obj || !ams || !PyBool_Check(ams) || !maxi || !PyBool_Check(maxi)) {
+      Py_RETURN_NONE;
+    }
+    PyObject* eps_obj = PyDict_GetItem(group, kKeys[kEps]);
+    PyObject* wd_obj = PyDict_GetItem(group, kKeys[kWd]);
+    PyObject* w_obj = PyDict_GetItem(group, kKeys[kWeight]);
+    if (!eps_obj || !wd_obj || !w_obj || !as_double(eps_obj, &eps[k]) || !as_double(wd_obj, &wd[k]) ||
+        !as_double(w_obj, &l2[k]) || !as_double(PyTuple_GET_ITEM(betas, 0), &beta1[k]) ||
+        !as_double(PyTuple_GET_ITEM(betas, 1), &beta2[k])) {
+      Py_RETURN_NONE;
+    }
+    lr_tensors.push_back(std::nullopt);
+    if (!as_double(lr_obj, &lr[k])) {
+      const at::Tensor* t = plain_tensor(lr_obj, checked);
+      if (t == nullptr) Py_RETURN_NONE;
+      lr_tensors.set(k, *t);  // the op reads a CPU one on the host, a device one in the kernel
+      any_lr_tensor = true;
+      lr[k] = 0.0;
+    }
+    const bool amsgrad = ams == Py_True;
+    flags[k] = (amsgrad ? l2fast::kAmsgrad : 0) | (maxi == Py_True ? l2fast::kMaximize : 0);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(members); ++i) {
+      PyObject* item = PyList_GET_ITEM(members, i);
+      const at::Tensor* p = plain_tensor(item, checked);
+      if (p == nullptr) Py_RETURN_NONE;
+      any_double |= p->scalar_type() == at::kDouble;
+      const at::Tensor& g = p->grad();
+      if (!g.defined()) {
+        if (l2[k] == 0.0) continue;  // as torch: no grad, no update
+        if (!p->requires_grad()) {    // frozen: in the value only
+          frozen.push_back(*p);
+          frozen_w.push_back(l2[k]);
+          continue;
+        }
+      } else if (!plain(g)) {
+        Py_RETURN_NONE;
+      }
+      PyObject* s = PyDict_GetItem(state, item);
+      if (s == nullptr || !PyDict_Check(s)) Py_RETURN_NONE;  // no state yet: the op path makes it
+      const at::Tensor* step = plain_tensor(PyDict_GetItem(s, kKeys[kStep]), checked);
+      const at::Tensor* ea = plain_tensor(PyDict_GetItem(s, kKeys[kExpAvg]), checked);
+      const at::Tensor* eas = plain_tensor(PyDict_GetItem(s, kKeys[kExpAvgSq]), checked);
+      const at::Tensor* mx = amsgrad ? plain_tensor(PyDict_GetItem(s, kKeys[kMaxExpAvgSq]), checked) : nullptr;
+      if (!step || !ea || !eas || (amsgrad && !mx) || step->scalar_type() != at::kFloat ||
+          step->device() != p->device() || step->dim() != 0) {
+        Py_RETURN_NONE;  // the op path makes or converts them
+      }
+      params.push_back(*p);
+      grads.push_back(g.defined() ? std::optional<at::Tensor>(g) : std::nullopt);
+      m.push_back(*ea);
+      v.push_back(*eas);
+      if (amsgrad) vmax.push_back(*mx);
+      steps.push_back(*step);
+      ++sizes[k];
+    }
+  }
+  if (params.empty()) Py_RETURN_NONE;
+  const l2fast::RunAdamW run = l2fast::adamw_kernel_for(params[0].device().type());
+  if (run == nullptr) Py_RETURN_NONE;
+  std::optional<at::Tensor> scale_inf[2];
+  for (int j = 0; j < 2; ++j) {
+    PyObject* obj = args[2 + j];
+    if (obj == Py_None) continue;
+    const at::Tensor* t = plain_tensor(obj, checked);
+    if (t == nullptr || t->scalar_type() != at::kFloat || t->device() != params[0].device()) Py_RETURN_NONE;
+    scale_inf[j] = *t;
+  }
+  if (!any_lr_tensor) lr_tensors.clear();
+  auto* seen = static_cast<l2fast::AdamWValidated*>(PyCapsule_GetPointer(args[4], kAdamWCapsule));
+  at::Tensor value;
+  {
+    RECORD_FUNCTION("l2fast::adamw_", c10::ArrayRef<const c10::IValue>{});
+    pybind11::gil_scoped_release no_gil;  // as torch.ops calls do
+    const l2fast::AdamWArgs a{params, grads, m, v, vmax, steps, sizes, lr, beta1, beta2, eps, wd, l2, flags,
+                              lr_tensors, scale_inf[0], scale_inf[1]};
+    {
+      at::AutoDispatchBelowADInplaceOrView below;  // where the op's backend kernel runs: stand-ins copy back
+      value = l2fast::adamw_cached(*seen, a, run);  // into leaf params without autograd seeing it
+    }
+    l2fast::adamw_bump_versions(a);
+    if (!frozen.empty()) {
+      at::NoGradGuard no_grad;
+      value = value + l2fast::l2_penalty(frozen, 1.0, l2fast::Weights(at::ArrayRef<double>(frozen_w)));
+    }
+    if (any_double && value.scalar_type() != at::kDouble) value = value.to(at::kDouble);
+  }
+  return THPVariable_Wrap(std::move(value));
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace

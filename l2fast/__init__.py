@@ -28,6 +28,10 @@ def _load_ops():
 
 
 def __getattr__(name):
+    if name == "optim":  # l2fast.optim.AdamW after a bare `import l2fast`
+        import importlib
+
+        return importlib.import_module(__name__ + ".optim")
     if name in _OPS_API:
         _load_ops()
         return globals()[name]

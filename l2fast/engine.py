@@ -2,10 +2,12 @@
 strategy, CUDAGraphStep, evaluation. Plain values in, tensors out; no options parsing, no files.
 
 A step computes the notebook's loss, cross entropy + weight * sum(p^2) over every parameter, with
-one of three penalty strategies (Penalty): FUSED adds the penalty's gradient after backward with
-one kernel (an l2fast.L2Penalty built once beside the optimizer); AUTOGRAD and REFERENCE put a
-differentiable term in the loss (the l2fast op, or the notebook's torch.cat formula). TrainStep's
-`shard=(rank, world)` trains one rank's share of each global batch under DDP or FSDP2.
+one of four penalty strategies (Penalty): OPTIMIZER applies the penalty inside the AdamW step
+(l2fast.optim.AdamW: its gradient formed in registers, its value from the same pass); FUSED adds
+the penalty's gradient after backward with one kernel (an l2fast.L2Penalty built once beside the
+optimizer); AUTOGRAD and REFERENCE put a differentiable term in the loss (the l2fast op, or the
+notebook's torch.cat formula). TrainStep's `shard=(rank, world)` trains one rank's share of each
+global batch under DDP or FSDP2.
 """
 import enum
 import platform
@@ -22,6 +24,7 @@ SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed accepts
 
 
 class Penalty(str, enum.Enum):
+    OPTIMIZER = "optimizer"  # l2fast.optim.AdamW(l2_weight=weight): the penalty inside the step, one pass
     FUSED = "fused"          # l2fast.l2_penalty_ after backward: grad += 2 * weight * p, returns the value
     AUTOGRAD = "autograd"    # l2fast.l2_penalty in the loss, differentiated by autograd
     REFERENCE = "reference"  # the notebook's torch.cat formula in the loss
@@ -111,15 +114,24 @@ class PenaltyStrategy:
     """How a step adds weight * sum(p^2) over `params`, bound once (as an optimizer is): `in_loss`
     strategies give `term()`, a differentiable loss term; FUSED gives `add_grad()`, called after
     backward: an l2fast.L2Penalty built here over every parameter (biases included, as the notebook)
-    adds 2*weight*p into each .grad and returns the (detached) value. Build it after DDP/FSDP2
-    wrapping: fully_shard replaces the parameters. Over DTensor params (FSDP2) every value is the
-    global one, a plain tensor, on every rank."""
+    adds 2*weight*p into each .grad and returns the (detached) value; OPTIMIZER's `add_grad()` adds
+    nothing and returns None: `optimizer` (an l2fast.optim.AdamW with this weight) applies the penalty
+    in its step, and its `.penalty` is the value. Build it after DDP/FSDP2 wrapping: fully_shard
+    replaces the parameters. Over DTensor params (FSDP2) every value is the global one, a plain
+    tensor, on every rank."""
 
-    def __init__(self, kind, weight, params):
+    def __init__(self, kind, weight, params, optimizer=None):
         self.kind, self.weight = Penalty(kind), float(weight)
         self.params = list(params)
-        self.in_loss = self.kind is not Penalty.FUSED
-        if self.kind is Penalty.FUSED:
+        self.in_loss = self.kind in (Penalty.AUTOGRAD, Penalty.REFERENCE)
+        if self.kind is Penalty.OPTIMIZER:
+            from .optim import AdamW
+
+            if not isinstance(optimizer, AdamW) or any(g["weight"] != self.weight for g in optimizer.param_groups):
+                raise ValueError(f"penalty {self.kind.value}: expected the step's l2fast.optim.AdamW with l2_weight "
+                                 f"{self.weight:g} (make_optimizer(..., impl='l2fast', l2_weight=...)), got "
+                                 f"{type(optimizer).__name__}")
+        elif self.kind is Penalty.FUSED:
             _l2fast_ops()
             from .penalty import L2Penalty
 
@@ -135,27 +147,53 @@ class PenaltyStrategy:
 
     def add_grad(self):
         assert not self.in_loss, self.kind
-        return self.l2_penalty.add_grad_()
+        return None if self.kind is Penalty.OPTIMIZER else self.l2_penalty.add_grad_()
 
 
 # ----------------------------------------------------------------------------- optimizer, data, step
 
-def make_optimizer(model, lr, weight_decay=None, capturable=False, impl="default"):
+def make_optimizer(model, lr, weight_decay=None, capturable=False, impl="default", l2_weight=None):
     """AdamW(lr) over model.parameters(); weight_decay=None keeps AdamW's default (0.01).
 
     impl picks only how the same update is computed: "default" is exactly the notebook's
     construction (torch's own choice: a loop over the parameters on CPU), "foreach", or "fused"
-    (torch's fused AdamW, one kernel per step; l2fast.train's default; the same update to float
-    rounding).
+    (torch's fused AdamW, one kernel per step; the same update to float rounding). "l2fast" is
+    l2fast.optim.AdamW, which also applies the coupled L2 penalty of weight `l2_weight` in its step
+    (Penalty.OPTIMIZER; l2fast.train's default).
     """
-    if impl not in ADAMW_IMPLS:
+    if impl not in (*ADAMW_IMPLS, "l2fast"):
         raise UsageError(f"AdamW implementation {impl!r}: expected one of {', '.join(ADAMW_IMPLS)}")
     kwargs = {} if weight_decay is None else {"weight_decay": weight_decay}
     if capturable:
         kwargs["capturable"] = True
+    if impl == "l2fast":
+        _l2fast_ops()
+        from .optim import AdamW
+
+        return AdamW(model.parameters(), lr=lr, l2_weight=l2_weight, **kwargs)
     if impl != "default":
         kwargs[impl] = True
     return torch.optim.AdamW(model.parameters(), lr=lr, **kwargs)
+
+
+def optimizer_and_penalty(model, kind, weight, lr, weight_decay=None, capturable=False, impl="fused"):
+    """A run's optimizer and PenaltyStrategy over model's parameters (built after DDP/FSDP2 wrapping):
+    for OPTIMIZER, l2fast.optim.AdamW with the penalty inside (impl must then be "fused", the default:
+    the step is one fused pass), otherwise torch's AdamW (impl) beside the strategy."""
+    impl = adamw_impl_for(kind, impl)
+    optimizer = make_optimizer(model, lr, weight_decay, capturable, impl, l2_weight=weight if impl == "l2fast" else None)
+    return optimizer, PenaltyStrategy(kind, weight, model.parameters(), optimizer)
+
+
+def adamw_impl_for(kind, impl):
+    """The AdamW implementation a run with penalty `kind` and --adamw-impl `impl` steps with: "l2fast"
+    for OPTIMIZER (which takes only the default, "fused": its step is one fused pass), else impl."""
+    if Penalty(kind) is not Penalty.OPTIMIZER:
+        return impl
+    if impl != "fused":
+        raise UsageError(f"--adamw-impl {impl} picks torch's AdamW; --penalty optimizer steps with "
+                         f"l2fast.optim.AdamW (one fused pass): use --penalty fused with --adamw-impl {impl}")
+    return "l2fast"
 
 
 def to_device(data, device):
@@ -216,12 +254,15 @@ class TrainStep:
             data_loss, l2 = self.forward(idx, scale)
             loss = data_loss + l2
             loss.backward()
-        else:  # data-loss gradient first, then grad += 2 * w * p and the value, in one kernel
+            self.optimizer.step()
+        else:  # data-loss gradient first; the penalty's after it (FUSED, one kernel) or in the step (OPTIMIZER)
             data_loss = self.forward(idx, scale)
             data_loss.backward()
             l2 = self.penalty.add_grad()
+            self.optimizer.step()
+            if l2 is None:
+                l2 = self.optimizer.penalty
             loss = data_loss.detach() + l2
-        self.optimizer.step()
         return self.reduce_losses(torch.stack([loss.detach(), data_loss.detach(), l2.detach().to(loss.dtype)]))
 
 

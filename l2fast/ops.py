@@ -97,3 +97,24 @@ def _backward_backward(ctx, grad_outs):
 
 
 torch.library.register_autograd("l2fast::l2_penalty_backward", _backward_backward, setup_context=_backward_setup)
+
+
+@torch.library.register_fake("l2fast::adamw_")
+def _adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, group_sizes, lr, beta1, beta2, eps,
+                weight_decay, l2_weight, flags, lr_tensors, grad_scale=None, found_inf=None):
+    # The op's list checks (csrc/adamw.cpp), so that traced code fails as eager code does; the value only.
+    op = "l2fast.adamw_"
+    n = len(params)
+    for name, got in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                      ("state_steps", state_steps)):
+        if len(got) != n:
+            raise ValueError(f"{op}: got {len(got)} {name} for {n} params; expected one per param")
+    if sum(group_sizes) != n:
+        raise ValueError(f"{op}: group_sizes add up to {sum(group_sizes)} but got {n} params; expected one entry "
+                         "per param, group by group")
+    for i, (p, m, v) in enumerate(zip(params, exp_avgs, exp_avg_sqs)):
+        for name, t in (("exp_avgs", m), ("exp_avg_sqs", v)):
+            if t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+                raise ValueError(f"{op}: {name}[{i}] is {t.dtype} {list(t.shape)} on {t.device} but its param is "
+                                 f"{p.dtype} {list(p.shape)} on {p.device}; expected the param's")
+    return _fake_value(op, params)

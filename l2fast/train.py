@@ -5,11 +5,12 @@ AdamW(lr=1e-4) with its default weight_decay=0.01, batches of 64 reshuffled ever
 last partial batch kept), 5 epochs, and an L2 term weight * sum(p^2) over every parameter
 (biases included) added to the loss. What changed is how a step runs: the whole dataset sits on
 the training device as uint8, each batch is gathered there with a seeded permutation (drawn on
-the CPU, so that every device shuffles alike) and scaled by 1/255 (ToTensor's own op), and the penalty's value and gradient come from one
-fused kernel (`--penalty fused`: an l2fast.L2Penalty over every parameter, built once beside the
-optimizer) instead of a torch.cat of every parameter. AdamW is torch's fused implementation
-(`--adamw-impl fused`, the default: the same update in one kernel, the losses agree to float
-rounding); `--adamw-impl default` keeps the notebook's exact construction.
+the CPU, so that every device shuffles alike) and scaled by 1/255 (ToTensor's own op), and the penalty's value and gradient come from
+the AdamW step itself (`--penalty optimizer`, the default: l2fast.optim.AdamW forms g + 2·w·p in
+registers and sums the value in the same pass over memory) instead of a torch.cat of every
+parameter. `--penalty fused` applies an l2fast.L2Penalty after backward and steps with torch's
+AdamW: its fused implementation by default (`--adamw-impl fused`: the same update in one kernel,
+the losses agree to float rounding); `--adamw-impl default` keeps the notebook's exact construction.
 
 `torchrun --standalone --nproc_per_node=N -m l2fast.train --parallel ddp|fsdp` trains the same
 run data-parallel (gloo on CPU, NCCL on CUDA; see l2fast.parallel): the global batch is still
@@ -67,7 +68,7 @@ class TrainConfig:
     l2_weight: float = DEFAULT_L2_WEIGHT
     weight_decay: float | None = None  # None: AdamW's own default, 0.01
     adamw_impl: str = "fused"
-    penalty: str = "fused"
+    penalty: str = "optimizer"
     device: str = "auto"
     threads: int | None = None  # None: 1 on CPU; 0: torch's default
     dataset: str = "auto"
@@ -103,6 +104,7 @@ class TrainConfig:
         for name, allowed in (("penalty", PENALTIES), ("adamw_impl", ADAMW_IMPLS), ("dataset", DATASETS)):
             if getattr(self, name) not in allowed:
                 raise UsageError(f"--{_opt(name)} {getattr(self, name)}: expected one of {', '.join(allowed)}")
+        engine.adamw_impl_for(self.penalty, self.adamw_impl)
         if self.download and self.dataset == "sample":
             raise UsageError("--download fetches the full dataset; --dataset sample is bundled already")
         if self.cuda_graphs and self.compile:
@@ -116,7 +118,7 @@ class TrainConfig:
             if self.parallel == "fsdp" and self.penalty == "reference":
                 raise UsageError("--penalty reference with --parallel fsdp: the notebook's torch.cat formula over "
                                  "FSDP2's sharded parameters yields gradients FSDP2 cannot accumulate; use "
-                                 "--penalty fused (the default) or autograd")
+                                 "--penalty optimizer (the default), fused or autograd")
 
     def plain(self):
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -144,13 +146,13 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="AdamW's decoupled weight decay (default: AdamW's own, 0.01, as in the notebook)")
     p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default=d.adamw_impl,
-                   help="how AdamW computes its (identical) update: fused (torch's fused AdamW, one kernel; "
-                        "the default), foreach, or default (torch's own choice: exactly the notebook's "
-                        "construction; the losses agree with fused to float rounding)")
+                   help="with --penalty fused, autograd or reference: how torch's AdamW computes its (identical) "
+                        "update: fused (one kernel; the default), foreach, or default (torch's own choice: exactly "
+                        "the notebook's construction; the losses agree with fused to float rounding)")
     p.add_argument("--penalty", choices=PENALTIES, default=d.penalty,
-                   help="fused: an l2fast.L2Penalty over every parameter, applied after backward (default); "
-                        "autograd: l2fast.l2_penalty "
-                        "in the loss; reference: the notebook's torch.cat formula")
+                   help="optimizer: inside the AdamW step, l2fast.optim.AdamW (default); fused: an l2fast.L2Penalty "
+                        "over every parameter, applied after backward; autograd: l2fast.l2_penalty in the loss; "
+                        "reference: the notebook's torch.cat formula")
     p.add_argument("--device", default=d.device, help="auto (cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=d.threads,
                    help="CPU intra-op threads (default on CPU: 1, as the MLP's ops are too small to gain "
@@ -366,8 +368,8 @@ def _train(config, ctx):
     batch = config.batch_size
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = ctx.wrap(MLP().to(device))
-    optimizer = engine.make_optimizer(model, config.lr, config.weight_decay, config.cuda_graphs, config.adamw_impl)
-    penalty = engine.PenaltyStrategy(config.penalty, config.l2_weight, model.parameters())  # after wrapping
+    optimizer, penalty = engine.optimizer_and_penalty(model, config.penalty, config.l2_weight, config.lr,  # after
+                                                      config.weight_decay, config.cuda_graphs, config.adamw_impl)  # wrapping
     train_x, train_y, test_x, test_y = engine.to_device(data, device)
     step = engine.build_step(model, optimizer, train_x, train_y, penalty, batch, device,
                              compile=config.compile, cuda_graphs=config.cuda_graphs, shard=(ctx.rank, ctx.world))
@@ -380,7 +382,8 @@ def _train(config, ctx):
     weight_decay = optimizer.param_groups[0]["weight_decay"]
     ranks = f"; {config.parallel} over {ctx.world} rank(s), {batch // ctx.world} images each" if ctx.kind else ""
     print(f"device: {engine.device_name(device)}; penalty: {config.penalty}, l2 weight {config.l2_weight:g}; "
-          f"AdamW ({config.adamw_impl}) lr {config.lr:g}, weight decay {weight_decay:g}; "
+          f"AdamW ({engine.adamw_impl_for(config.penalty, config.adamw_impl)}) lr {config.lr:g}, "
+          f"weight decay {weight_decay:g}; "
           f"batch {batch}, {steps_per_epoch} steps/epoch, {total_steps} steps, logged every {config.log_every}"
           f"{ranks}; output: {out}", flush=True)
 
@@ -463,7 +466,7 @@ def settings(config, data, device, weight_decay, ctx):
     return {
         "parallel": {"kind": ctx.kind, "world_size": ctx.world} if ctx.kind else None,
         "device": engine.device_name(device), "penalty": config.penalty, "l2_weight": config.l2_weight,
-        "weight_decay": weight_decay, "lr": config.lr, "adamw_impl": config.adamw_impl,
+        "weight_decay": weight_decay, "lr": config.lr, "adamw_impl": engine.adamw_impl_for(config.penalty, config.adamw_impl),
         "batch_size": config.batch_size, "seed": config.seed, "cuda_graphs": config.cuda_graphs,
         "compile": config.compile,
         "dataset": {"name": data.name, "data_dir": str(config.data_dir), "source": data.source,

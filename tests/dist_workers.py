@@ -82,17 +82,17 @@ def _penalty_rounds(model, local_batch):
     return out
 
 
-def fsdp2(rank, world):
+def fsdp2_model():
     from torch.distributed.fsdp import fully_shard
 
     model = uneven_mlp()
     for layer in (model[0], model[3]):
         fully_shard(layer)
     fully_shard(model)
-    return _penalty_rounds(model, batch(rank, world))
+    return model
 
 
-def hsdp(rank, world):
+def hsdp_model():
     """A 2x2 mesh (replicate, shard) for the first layer, a flat 4-way mesh for the last: two meshes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -104,7 +104,15 @@ def hsdp(rank, world):
     fully_shard(model[1], mesh=mesh2d)
     fully_shard(model[3], mesh=flat)
     fully_shard(model, mesh=mesh2d)
-    return _penalty_rounds(model, batch(rank, world))
+    return model
+
+
+def fsdp2(rank, world):
+    return _penalty_rounds(fsdp2_model(), batch(rank, world))
+
+
+def hsdp(rank, world):
+    return _penalty_rounds(hsdp_model(), batch(rank, world))
 
 
 def ddp(rank, world):
@@ -120,4 +128,44 @@ def ddp(rank, world):
     return {"value": value, "grads": grads_of(model)}
 
 
-SCENARIOS = {"fsdp2": fsdp2, "hsdp": hsdp, "ddp": ddp}
+# ----------------------------------------------------------------------------- l2fast.optim.AdamW (tests/test_optim.py)
+
+OPTIM_STEPS = 3
+
+
+def optim_rounds(model, local_batch):
+    """OPTIM_STEPS steps of l2fast.optim.AdamW over decay groups: each step's penalty, then the full
+    params and first moments."""
+    import l2fast
+    from l2fast.optim import AdamW
+
+    opt = AdamW(l2fast.decay_groups(model, WEIGHT), lr=1e-2, weight_decay=0.1)
+    x, y = local_batch
+    values = []
+    for _ in range(OPTIM_STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        values.append(opt.penalty.item())
+    return {"values": values, "value_type": type(opt.penalty).__name__,
+            "params": [full(p) for p in model.parameters()],
+            "exp_avgs": [full(opt.state[p]["exp_avg"]) for p in model.parameters()],
+            "state_types": sorted({type(opt.state[p]["exp_avg"]).__name__ for p in model.parameters()})}
+
+
+def optim_fsdp2(rank, world):
+    return optim_rounds(fsdp2_model(), batch(rank, world))
+
+
+def optim_hsdp(rank, world):
+    return optim_rounds(hsdp_model(), batch(rank, world))
+
+
+def optim_ddp(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+
+    return optim_rounds(DistributedDataParallel(uneven_mlp()), batch(rank, world))
+
+
+SCENARIOS = {"fsdp2": fsdp2, "hsdp": hsdp, "ddp": ddp, "optim_fsdp2": optim_fsdp2, "optim_hsdp": optim_hsdp,
+             "optim_ddp": optim_ddp}

@@ -21,31 +21,41 @@ def batch():
     return images, labels, idx
 
 
-def reference_grads(model, images, labels, idx):
-    """float64: cross entropy + WEIGHT * sum p^2 over every parameter, differentiated by autograd."""
+def reference_grads(model, images, labels, idx, with_l2=True):
+    """float64: cross entropy (+ WEIGHT * sum p^2 over every parameter), differentiated by autograd."""
     m = copy.deepcopy(model).double()
     x = images[idx].double() / 255
     data_loss = nn.functional.cross_entropy(m(x), labels[idx])
     l2 = WEIGHT * sum(p.square().sum() for p in m.parameters())
-    (data_loss + l2).backward()
+    (data_loss + l2 if with_l2 else data_loss).backward()
     return data_loss.item(), l2.item(), [p.grad for p in m.parameters()]
+
+
+def adamw_first_step(p, grad, lr=1e-3, eps=1e-8, weight_decay=0.01):
+    """float64: AdamW's first step from zero moments (m̂ = g, v̂ = g²)."""
+    p = p.double()
+    return p * (1 - lr * weight_decay) - lr * grad / (grad.abs() + eps)
 
 
 @pytest.mark.parametrize("kind", engine.PENALTIES)
 def test_step_matches_float64_reference(batch, kind):
+    """The losses, the grads and AdamW's first step against float64. With the penalty in the optimizer
+    (OPTIMIZER) the .grads hold the data loss's gradient and the step uses it plus 2·w·p."""
     images, labels, idx = batch
     torch.manual_seed(0)
     model = MLP()
+    in_step = kind == "optimizer"
     data_loss, l2, grads = reference_grads(model, images, labels, idx)
+    _, _, data_grads = reference_grads(model, images, labels, idx, with_l2=False)
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer = engine.make_optimizer(model, lr=1e-3)
-    step = engine.TrainStep(model, optimizer, images, labels, engine.PenaltyStrategy(kind, WEIGHT, model.parameters()))
+    optimizer, strategy = engine.optimizer_and_penalty(model, kind, WEIGHT, lr=1e-3)
+    step = engine.TrainStep(model, optimizer, images, labels, strategy)
     loss, got_data, got_l2 = step(idx).tolist()
     assert got_data == pytest.approx(data_loss, rel=1e-5) and got_l2 == pytest.approx(l2, rel=1e-5)
     assert loss == pytest.approx(data_loss + l2, rel=1e-5)
-    for p, g, p0 in zip(model.parameters(), grads, before):
-        torch.testing.assert_close(p.grad.double(), g, rtol=1e-4, atol=1e-7)
-        assert not torch.equal(p.detach(), p0)  # AdamW stepped
+    for p, g, dg, p0 in zip(model.parameters(), grads, data_grads, before):
+        torch.testing.assert_close(p.grad.double(), dg if in_step else g, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p.detach().double(), adamw_first_step(p0, g), rtol=1e-5, atol=1e-6)
 
 
 def test_reduce_losses_is_the_one_place_losses_are_combined(batch):
@@ -69,10 +79,24 @@ def test_first_non_finite():
     (lambda: engine.check_seed(2 ** 64), "--seed"),
     (lambda: engine.resolve_device("meta"), "--device meta"),
     (lambda: engine.make_optimizer(MLP(), 1e-4, impl="turbo"), "turbo"),
+    (lambda: engine.optimizer_and_penalty(MLP(), "optimizer", WEIGHT, 1e-4, impl="foreach"),
+     "--adamw-impl foreach picks torch's AdamW; --penalty optimizer steps with l2fast.optim.AdamW"),
 ])
 def test_bad_values_raise_usage_errors(call, message):
     with pytest.raises(UsageError, match=message):
         call()
+
+
+def test_optimizer_strategy_steps_with_l2fast_adamw_over_every_parameter():
+    from l2fast.optim import AdamW
+
+    model = MLP()
+    optimizer, strategy = engine.optimizer_and_penalty(model, "optimizer", WEIGHT, lr=1e-4)
+    assert isinstance(optimizer, AdamW) and not strategy.in_loss
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(held) == 6 and all(g["weight"] == WEIGHT for g in optimizer.param_groups)  # biases included
+    with pytest.raises(ValueError, match="expected the step's l2fast.optim.AdamW with l2_weight"):
+        engine.PenaltyStrategy("optimizer", WEIGHT, model.parameters(), torch.optim.AdamW(model.parameters()))
 
 
 def test_fused_strategy_is_an_l2penalty_over_every_parameter_biases_included():
@@ -106,8 +130,14 @@ def test_sharded_steps_average_to_the_global_batch(batch, kind, total, world):
 
     def run(shard):
         m = copy.deepcopy(model)
-        step = engine.TrainStep(m, _NoStep(m.parameters(), lr=0.0), images, labels,
-                                engine.PenaltyStrategy(kind, WEIGHT, m.parameters()), shard=shard)
+        if kind == "optimizer":  # lr 0: the step leaves the params alone; .grad holds the data gradient
+            from l2fast.optim import AdamW
+
+            optimizer = AdamW(m.parameters(), lr=0.0, l2_weight=WEIGHT)
+        else:
+            optimizer = _NoStep(m.parameters(), lr=0.0)
+        step = engine.TrainStep(m, optimizer, images, labels,
+                                engine.PenaltyStrategy(kind, WEIGHT, m.parameters(), optimizer), shard=shard)
         losses = step(idx)
         return losses, [p.grad.clone() for p in m.parameters()]
 

@@ -55,7 +55,7 @@ def test_torchrun_follows_the_single_process_run_step_for_step(tmp_path, single,
     assert {p.name for p in (tmp_path / "run").iterdir()} == RUN_FILES
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["parallel"] == {"kind": kind, "world_size": 2}
-    assert summary["steps"] == STEPS and summary["adamw_impl"] == "fused"
+    assert summary["steps"] == STEPS and summary["penalty"] == "optimizer" and summary["adamw_impl"] == "l2fast"
 
     got, want = records(tmp_path / "run"), records(single)
     for key in ("loss", "data_loss", "l2_loss"):

@@ -1,4 +1,4 @@
-"""`python -m l2fast.bench {penalty,train,infer} [options]` (also `l2fast-bench`).
+"""`python -m l2fast.bench {penalty,train,infer,optim} [options]` (also `l2fast-bench`).
 
 Each benchmark is a module of this package exposing `add_arguments(parser)` and `run(args) -> int`;
 this CLI makes them argparse subcommands. Only the chosen benchmark's module is imported (each pulls
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "penalty": "fused L2 penalty + gradient vs the seed's torch.cat, _foreach ops and torch.compile",
     "train": "the notebook's training loop vs l2fast's training step, ms per step",
     "infer": "onnxruntime vs eager PyTorch vs TorchScript inference latency and throughput",
+    "optim": "one AdamW step with the L2 penalty: l2fast.optim.AdamW vs torch's fused AdamW, L2Penalty + it, the seed's",
 }
 
 

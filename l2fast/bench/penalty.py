@@ -132,16 +132,7 @@ def check_args(args):
                          f"{args.sizes} (each tensor holds at least one); expected 1 to {smallest:,}")
     if args.rounds < 1:
         raise UsageError(f"--rounds {args.rounds}: expected at least 1 round")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device {args.device}: not a device; expected cpu or cuda[:N]") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: l2fast has kernels for cpu and cuda only")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type == "cuda" and not l2fast.build_info()["cuda"]:
-        raise UsageError(f"--device {args.device}: this l2fast build has no CUDA kernels")
+    device = kernel_device(args.device)
     available = available_memory(device)
     largest = max(sizes, key=lambda s: SIZES[s] or 0)
     need = BYTES_PER_VALUE * (SIZES[largest] or 0)
@@ -150,6 +141,21 @@ def check_args(args):
                          f"grads, the copy's buffers, the seed's torch.cat), {available / 1e9:.1f} GB available on "
                          f"{device}; leave out the larger sizes")
     return sizes, device
+
+
+def kernel_device(name):
+    """--device as a torch.device l2fast has kernels for here; a UsageError (one line, exit 2) otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device; expected cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: l2fast has kernels for cpu and cuda only")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and not l2fast.build_info()["cuda"]:
+        raise UsageError(f"--device {name}: this l2fast build has no CUDA kernels")
+    return device
 
 
 def available_memory(device):

@@ -8,9 +8,9 @@ both alike:
             shuffle=True), the torch.cat L2 term added to the loss, AdamW, loss.item() per step
             (all as in the notebook);
   l2fast    l2fast.engine's step as l2fast.train runs it: uint8 data on the device, batches gathered with an on-device
-            permutation, the fused penalty after backward (an l2fast.L2Penalty built once), torch's
-            fused AdamW (l2fast.train's default; --adamw-impl default for the notebook's); no host
-            sync per step.
+            permutation, the penalty inside the AdamW step (l2fast.optim.AdamW, l2fast.train's default;
+            --penalty fused: an l2fast.L2Penalty after backward and torch's fused AdamW, --adamw-impl
+            default for the notebook's AdamW); no host sync per step.
 """
 import json
 import math
@@ -45,10 +45,11 @@ def add_arguments(p):
                    help="DataLoader num_workers for the notebook side (default 0; the notebook used 6)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: l2fast.train's, 1 on CPU; 0: torch's)")
-    p.add_argument("--penalty", choices=engine.PENALTIES, default="fused", help="l2fast side's penalty (default fused)")
+    p.add_argument("--penalty", choices=engine.PENALTIES, default="optimizer",
+                   help="l2fast side's penalty (default optimizer, as l2fast.train)")
     p.add_argument("--adamw-impl", choices=engine.ADAMW_IMPLS, default="fused",
-                   help="l2fast side's AdamW implementation (default: fused, as l2fast.train; "
-                        "'default' is the notebook's construction)")
+                   help="l2fast side's torch AdamW implementation with --penalty fused, autograd or reference "
+                        "(default: fused, as l2fast.train; 'default' is the notebook's construction)")
     p.add_argument("--l2-weight", type=float, default=DEFAULT_L2_WEIGHT)
     p.add_argument("--cuda-graphs", action="store_true", help="l2fast side as a replayed CUDA graph")
     p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
@@ -68,6 +69,7 @@ def check_args(args):
     if not (math.isfinite(args.l2_weight) and args.l2_weight >= 0):
         raise UsageError(f"--l2-weight {args.l2_weight}: expected a finite number >= 0")
     engine.check_threads(args.threads)
+    engine.adamw_impl_for(args.penalty, args.adamw_impl)
 
 
 def tiled_train_set(size=FULL_TRAIN_SIZE):
@@ -131,9 +133,9 @@ class L2fastLoop:
         self.images = torch.from_numpy(images).to(device)
         self.labels = torch.from_numpy(labels).to(device)
         model = MLP().to(device)
-        optimizer = engine.make_optimizer(model, lr=1e-4, capturable=cuda_graphs, impl=adamw_impl)
-        self.step = engine.build_step(model, optimizer, self.images, self.labels,
-                                      engine.PenaltyStrategy(penalty, l2_weight, model.parameters()), batch_size, device,
+        optimizer, strategy = engine.optimizer_and_penalty(model, penalty, l2_weight, lr=1e-4, capturable=cuda_graphs,
+                                                           impl=adamw_impl)
+        self.step = engine.build_step(model, optimizer, self.images, self.labels, strategy, batch_size, device,
                                       cuda_graphs=cuda_graphs)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
@@ -178,7 +180,8 @@ def run(args):
         print(f"device: {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
               f"{len(images):,} images (the bundled sample's 8,000 training digits tiled), batch "
               f"{args.batch_size}; notebook DataLoader num_workers={args.workers} (the notebook used 6); "
-              f"l2fast penalty {args.penalty}, AdamW {args.adamw_impl}{', CUDA graph' if args.cuda_graphs else ''}; "
+              f"l2fast penalty {args.penalty}, AdamW {engine.adamw_impl_for(args.penalty, args.adamw_impl)}"
+              f"{', CUDA graph' if args.cuda_graphs else ''}; "
               f"{args.warmup} warmup + {args.steps} timed steps per side in {args.rounds} alternating rounds",
               flush=True)
         for loop in loops.values():

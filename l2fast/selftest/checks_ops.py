@@ -514,21 +514,7 @@ def determinism_check(device):
             out += torch.ops.l2fast.l2_penalty_backward(torch.tensor(0.3, device=dev), params, WEIGHT)
             return out + grads
 
-        runs = [once() for _ in range(3)]
-        threads = ""
-        if dev.type == "cpu":
-            saved = torch.get_num_threads()
-            try:
-                for t in sorted({1, 2, saved}):
-                    torch.set_num_threads(t)
-                    runs.append(once())
-            finally:
-                torch.set_num_threads(saved)
-            threads = f", and with {sorted({1, 2, saved})} threads"
-        for r, run in enumerate(runs[1:], 1):
-            for k, (a, b) in enumerate(zip(runs[0], run)):
-                if not refs.bit_equal(a, b):
-                    raise CheckFailed(f"run {r} output {k} differs from run 0 (expected bit-identical)")
+        runs, threads = refs.identical_runs(once, dev, 3)
         return f"{len(runs)} runs of 4 ops over {sum(sizes):,} values bit-identical{threads}"
 
     return Check(f"{device} determinism", fn, device)

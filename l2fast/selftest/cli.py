@@ -92,12 +92,12 @@ ESTIMATES = (("torch.compile", 45.0), ("gradcheck", 6.0), ("opcheck", 6.0), ("1,
 
 
 def all_checks():
-    from . import checks_cuda, checks_ops, checks_proc, checks_torch
+    from . import checks_cuda, checks_ops, checks_optim, checks_proc, checks_torch
 
     checks = [rep.build_check()]
     for device in ("cpu", "cuda"):
-        checks += checks_ops.checks(device) + checks_torch.checks(device)
-    checks += checks_cuda.checks() + checks_proc.checks()
+        checks += checks_ops.checks(device) + checks_torch.checks(device) + checks_optim.checks(device)
+    checks += checks_cuda.checks() + checks_optim.cuda_checks() + checks_proc.checks()
     for check in checks:
         if check.estimate is None:
             check.estimate = next((sec for part, sec in ESTIMATES if part in check.name), None)

@@ -140,3 +140,25 @@ def _bits(t):
 
 def bit_equal(a, b):
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def identical_runs(once, device, repeats):
+    """once() `repeats` times, and on the CPU once more with each of 1, 2 and torch's thread counts;
+    CheckFailed unless every run's outputs are bit-identical to the first run's. Returns (runs, a note
+    naming the thread counts, or "")."""
+    runs = [once() for _ in range(repeats)]
+    threads = ""
+    if device.type == "cpu":
+        saved = torch.get_num_threads()
+        try:
+            for t in sorted({1, 2, saved}):
+                torch.set_num_threads(t)
+                runs.append(once())
+        finally:
+            torch.set_num_threads(saved)
+        threads = f", and with {sorted({1, 2, saved})} threads"
+    for r, run in enumerate(runs[1:], 1):
+        for k, (a, b) in enumerate(zip(runs[0], run)):
+            if not bit_equal(a, b):
+                raise CheckFailed(f"run {r} output {k} differs from run 0 (expected bit-identical)")
+    return runs, threads

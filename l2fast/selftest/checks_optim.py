@@ -1,0 +1,407 @@
+"""Checks of l2fast.optim.AdamW (the penalty inside the AdamW step): every step against float64, parity
+with torch's fused AdamW, GradScaler's inf skip, determinism; on CUDA one launch per step, no host
+sync, CUDA-graph capture and replay, and the bandwidth at 1e8 values (a benchmark)."""
+import math
+
+import torch
+
+from . import refs
+from .refs import check_value, randn
+from .runner import Check, CheckFailed, Skip
+
+LR = 1e-2
+# Relative tolerance of a stored param/moment against float64, by dtype: the float arithmetic of a
+# step is a few roundings of the opmath type, then one rounding to the stored dtype.
+STEP_RTOL = {torch.float32: 2e-6, torch.float64: 1e-14, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+MAX_ULPS = 4  # l2_weight 0 against torch's fused AdamW, where the order of operations differs
+
+
+def adamw_reference(p, g, m, v, vmax, step, *, lr, betas, eps, weight_decay, l2_weight, amsgrad, maximize,
+                    grad_scale=None):
+    """One step in float64 from the given values (any dtype), in torch's order: g / grad_scale, negated
+    with maximize, plus 2·w·p of the old p; decoupled decay; moments; bias corrections of step `step`.
+    Returns (p, m, v, vmax or None, w·‖p_old‖², bounds): bounds[k] is, per element, the size of the terms
+    that k sums (no cancellation can hide an error against it). g None: no data gradient."""
+    p, m, v = p.double(), m.double(), v.double()
+    g = torch.zeros_like(p) if g is None else g.double()
+    if grad_scale is not None:
+        g = g / grad_scale
+    if maximize:
+        g = -g
+    g = g + 2 * l2_weight * p
+    b1, b2 = betas
+    bounds = {"m": (b1 * m).abs() + ((1 - b1) * g).abs(), "v": b2 * v + (1 - b2) * g * g}
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+    vmax = torch.maximum(vmax.double(), v) if amsgrad else None
+    denom = (vmax if amsgrad else v).sqrt() / math.sqrt(bc2) + eps
+    update = lr / bc1 * m / denom
+    bounds["p"] = (p * (1 - lr * weight_decay)).abs() + update.abs()
+    return p * (1 - lr * weight_decay) - update, m, v, vmax, l2_weight * (p * p).sum().item(), bounds
+
+
+def close_to(what, got, want, dtype, bound):
+    """`got` (stored in dtype) within STEP_RTOL of float64 `want`, relative to `bound` (the size of the terms
+    summed into it, per element or one number)."""
+    fin = torch.finfo(dtype)
+    tol = STEP_RTOL[dtype] * bound + 2 * fin.tiny * fin.eps  # + the spacing of subnormals
+    bad = ~((got.double() - want).abs() <= tol)
+    if bool(bad.any()):
+        i = int(bad.flatten().nonzero()[0])
+        raise CheckFailed(f"{what}: element {i} is {got.double().flatten()[i].item()!r}; the float64 reference is "
+                          f"{want.flatten()[i].item()!r} ({int(bad.sum()):,} of {got.numel():,} elements off)")
+
+
+def _state(shape, dtype, device, seed, amsgrad):
+    """(p, g, m, v, vmax) of a param several steps in: seeded, drawn on the CPU."""
+    p = randn(shape, dtype, device, seed)
+    g = (randn(shape, torch.float64, "cpu", seed + 1) * 1e-2).to(dtype=dtype, device=device)
+    m = (randn(shape, torch.float64, "cpu", seed + 2) * 1e-3).to(dtype=dtype, device=device)
+    gen = torch.Generator().manual_seed(seed + 3)
+    v = (torch.rand(shape, generator=gen, dtype=torch.float64) * 1e-4).to(dtype=dtype, device=device)
+    vmax = (v.double() * 1.5).to(dtype) if amsgrad else None
+    return p, g, m, v, vmax
+
+
+def _optimizer(groups, device, start, states, **kwargs):
+    """An l2fast.optim.AdamW over `groups` whose params' state is `states` (a list per param, in order)."""
+    from ..optim import AdamW
+
+    opt = AdamW(groups, **kwargs)
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    for p, (m, v, vmax) in zip(params, states):
+        if m is None:
+            continue
+        st = opt.state[p]
+        st.update(step=torch.tensor(float(start), device=device), exp_avg=m.clone(), exp_avg_sq=v.clone())
+        if vmax is not None:
+            st["max_exp_avg_sq"] = vmax.clone()
+    return opt, params
+
+
+# --- every step against float64 ------------------------------------------------------------------
+
+def values_check(device):
+    def fn(ctx):
+        dev = torch.device(device)
+        sizes = [0, 1, 31, 4097, 70_001] if ctx.quick else [0, 1, 7, 31, 1023, 4097, 16385, 70_001, 300_007]
+        hyper = [dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, l2_weight=0.37, amsgrad=False,
+                      maximize=False),
+                 dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, l2_weight=0.0, amsgrad=True,
+                      maximize=True),
+                 dict(lr=1e-3, betas=(0.95, 0.9), eps=1e-8, weight_decay=0.01, l2_weight=1.5, amsgrad=True,
+                      maximize=False)]
+        worst, checked = 0, 0
+        for dtype in refs.DTYPES:
+            groups = [{"params": [], "weight": h["l2_weight"], **{k: x for k, x in h.items() if k != "l2_weight"}}
+                      for h in hyper]
+            cases, states = [], []
+            for i, n in enumerate(sizes + [(5, 3)]):  # the last: a transposed (non-dense-like) param
+                k = i % len(hyper)
+                shape = n if isinstance(n, tuple) else (n,)
+                p, g, m, v, vmax = _state(shape, dtype, dev, 100 * i, hyper[k]["amsgrad"])
+                param = torch.nn.Parameter(p.clone().t().contiguous().t() if len(shape) == 2 else p.clone())
+                drop = i == 2 and hyper[k]["l2_weight"] != 0  # no data grad: the penalty's gradient alone
+                param.grad = None if drop else g.clone()
+                groups[k]["params"].append(param)
+                cases.append((param, k, p, None if drop else g, m, v, vmax))
+            order = [c for k in range(len(hyper)) for c in cases if c[1] == k]
+            opt, _ = _optimizer(groups, dev, 4, [(m, v, vmax) for _, _, _, _, m, v, vmax in order])
+            opt.step()
+            total = 0.0
+            for param, k, p, g, m, v, vmax in order:
+                want = adamw_reference(p, g, m, v, vmax, 5, **hyper[k])
+                total += want[4]
+                st = opt.state[param]
+                what = f"{refs.dtype_name(dtype)} {list(p.shape)} group {k}"
+                bounds = want[5]
+                close_to(f"{what} param", param.detach(), want[0], dtype, bounds["p"])
+                close_to(f"{what} exp_avg", st["exp_avg"], want[1], dtype, bounds["m"])
+                close_to(f"{what} exp_avg_sq", st["exp_avg_sq"], want[2], dtype, bounds["v"])
+                if want[3] is not None:
+                    close_to(f"{what} max_exp_avg_sq", st["max_exp_avg_sq"], want[3], dtype, want[3].abs())
+                if st["step"].item() != 5 or (param.grad is None) != (g is None):
+                    raise CheckFailed(f"{what}: step {st['step'].item()} (expected 5), grad "
+                                      f"{'missing' if param.grad is None else 'present'}")
+                checked += 1
+            worst = max(worst, check_value(f"{refs.dtype_name(dtype)} penalty", opt.penalty, total,
+                                           [c[0] for c in cases], dev))
+        return f"{checked} params (4 dtypes, 3 groups: amsgrad, maximize, decay, L2 weights, a missing grad) " \
+               f"against float64; penalty within {worst:.2f} of its tolerance"
+
+    return Check(f"{device} optim AdamW step vs float64", fn, device)
+
+
+# --- parity with torch's fused AdamW -------------------------------------------------------------
+
+_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def ulps(a, b):
+    """Largest distance in units in the last place between same-dtype tensors (sign changes count big)."""
+    if a.numel() == 0:
+        return 0
+    ia, ib = a.detach().contiguous().view(_INT[a.element_size()]), b.detach().contiguous().view(_INT[b.element_size()])
+    same_sign = (a >= 0) == (b >= 0)
+    d = (ia.long() - ib.long()).abs()
+    d = torch.where(same_sign | (a == b), d, torch.full_like(d, 2 ** 30))
+    return int(d.max())
+
+
+def torch_parity_check(device):
+    def fn(ctx):
+        dev = torch.device(device)
+        n = 4096 * 3 + 13  # vector code and a scalar tail in torch's CPU kernel
+        worst, identical, total = 0, 0, 0
+        for dtype in refs.DTYPES:
+            for amsgrad in (False, True):
+                for maximize in (False, True):
+                    p, g, m, v, vmax = _state((n,), dtype, dev, 7, amsgrad)
+                    kwargs = dict(lr=LR, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
+                    ours, theirs = torch.nn.Parameter(p.clone()), torch.nn.Parameter(p.clone())
+                    results = []
+                    for param, make in ((ours, None), (theirs, torch.optim.AdamW)):
+                        param.grad = g.clone()
+                        if make is None:
+                            opt, _ = _optimizer([param], dev, 2, [(m, v, vmax)], **kwargs)
+                        else:
+                            opt = make([param], fused=True, **kwargs)
+                            st = opt.state[param]
+                            st.update(step=torch.tensor(2.0, device=dev), exp_avg=m.clone(), exp_avg_sq=v.clone())
+                            if amsgrad:
+                                st["max_exp_avg_sq"] = vmax.clone()
+                        opt.step()
+                        st = opt.state[param]
+                        results.append([param.detach(), st["exp_avg"], st["exp_avg_sq"]]
+                                       + ([st["max_exp_avg_sq"]] if amsgrad else []))
+                    for a, b in zip(*results):
+                        worst = max(worst, ulps(a, b))
+                        identical += int((a == b).sum())
+                        total += a.numel()
+        detail = f"l2_weight 0: {identical / total:.4%} of values bit-identical to torch.optim.AdamW(fused=True), " \
+                 f"largest difference {worst} ulp (4 dtypes x amsgrad x maximize)"
+        if worst > MAX_ULPS:
+            raise CheckFailed(detail + f"; expected at most {MAX_ULPS}")
+        return detail
+
+    return Check(f"{device} optim parity with torch fused AdamW", fn, device)
+
+
+# --- GradScaler: unscale in the step, skip it on an inf ------------------------------------------
+
+def grad_scaler_check(device):
+    def fn(ctx):
+        dev = torch.device(device)
+        hyper = dict(lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, l2_weight=0.25, amsgrad=True,
+                     maximize=False)
+        p, g, m, v, vmax = _state((1000,), torch.float32, dev, 3, True)
+        param = torch.nn.Parameter(p.clone())
+        param.grad = g * 1024
+        kwargs = {k: x for k, x in hyper.items() if k != "l2_weight"}
+        opt, _ = _optimizer([param], dev, 1, [(m, v, vmax)], l2_weight=0.25, **kwargs)
+        before = refs.snapshot([param, param.grad, *opt.state[param].values()])
+        opt.grad_scale = torch.tensor(1024.0, device=dev)
+        opt.found_inf = torch.tensor(1.0, device=dev)
+        opt.step()
+        refs.check_unchanged("found_inf 1: param, grad and state", [param, param.grad, *opt.state[param].values()],
+                             before)
+        check_value("penalty with found_inf 1", opt.penalty, 0.25 * (p.double() ** 2).sum().item(), [param], dev)
+        opt.found_inf = torch.tensor(0.0, device=dev)
+        opt.step()
+        want = adamw_reference(p, g * 1024, m, v, vmax, 2, grad_scale=1024.0, **hyper)
+        close_to("found_inf 0: param", param.detach(), want[0], torch.float32, want[5]["p"])
+        close_to("found_inf 0: the unscaled grad written back", param.grad, g.double(), torch.float32, g.double().abs())
+        return "found_inf 1: nothing written, the penalty reported; found_inf 0: unscaled in the step, as float64"
+
+    return Check(f"{device} optim GradScaler inf skip", fn, device)
+
+
+# --- determinism -----------------------------------------------------------------------------------
+
+def determinism_check(device):
+    def fn(ctx):
+        from ..optim import AdamW
+
+        dev = torch.device(device)
+        sizes = [1_000_003 if ctx.quick else 3_000_001, 5, 70_000, 8191, 8193, 0, 33]
+
+        def once():
+            params = [torch.nn.Parameter(randn((n,), refs.DTYPES[i % 4], dev, i)) for i, n in enumerate(sizes)]
+            for i, param in enumerate(params):
+                param.grad = randn(param.shape, param.dtype, dev, 50 + i)
+            opt = AdamW(params, lr=LR, l2_weight=0.37, amsgrad=True)
+            for _ in range(2):
+                opt.step()
+            return [opt.penalty] + [param.detach() for param in params]
+
+        runs, threads = refs.identical_runs(once, dev, 2)
+        return f"{len(runs)} runs of 2 steps over {sum(sizes):,} values in 4 dtypes bit-identical{threads}"
+
+    return Check(f"{device} optim determinism", fn, device)
+
+
+# --- CUDA: one launch, no host sync, graphs, bandwidth -----------------------------------------------
+
+def _cuda():
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _model_params(n, device, seed=0):
+    """n=6: the seed MLP's shapes; else n tensors of 0..699 elements. Grads set; state made by one step."""
+    from .checks_cuda import _tensor_set
+
+    params = [torch.nn.Parameter(t) for t in _tensor_set(n, device, seed=seed)]
+    for i, param in enumerate(params):
+        param.grad = randn(param.shape, param.dtype, device, 500 + i)
+    return params
+
+
+def one_launch_check():
+    def fn(ctx):
+        from torch.profiler import ProfilerActivity, profile
+
+        from ..optim import AdamW
+        from .checks_cuda import _device_events
+
+        dev, steps, lines = _cuda(), 5, []
+        for n in (6, 1000):
+            for scaled in (False, True):
+                params = _model_params(n, dev)
+                opt = AdamW(params, lr=LR, l2_weight=0.37, amsgrad=n == 1000)
+                if scaled:
+                    opt.grad_scale, opt.found_inf = torch.tensor(1.0, device=dev), torch.tensor(0.0, device=dev)
+                for _ in range(3):  # state made, module loaded
+                    opt.step()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(steps):
+                        opt.step()
+                    torch.cuda.synchronize()
+                kernels, copies = _device_events(prof)
+                if not kernels and not copies:
+                    raise Skip("the profiler recorded no CUDA activity (is CUPTI available?)")
+                if len(kernels) != steps:
+                    raise CheckFailed(f"{n} tensors{' with grad_scale' if scaled else ''}: {len(kernels)} kernels "
+                                      f"in {steps} steps ({sorted(set(kernels))}); expected exactly one per step")
+                lines.append(f"{n} tensors{', grad_scale/found_inf' if scaled else ''}: 1 kernel, "
+                             f"{len(copies) // steps} memcpy/memset per step")
+        return "exactly 1 kernel per step() for 6 and 1,000 tensors, with and without GradScaler", "\n".join(lines)
+
+    return Check("cuda optim one kernel launch per step (profiler)", fn, "cuda")
+
+
+def no_sync_check():
+    def fn(ctx):
+        from ..optim import AdamW
+
+        dev = _cuda()
+        work = []
+        for n in (6, 1000):
+            params = _model_params(n, dev)
+            lr = torch.tensor(LR, device=dev)
+            opt = AdamW(params, lr=lr, l2_weight=0.37, capturable=True)
+            opt.grad_scale, opt.found_inf = torch.tensor(2.0, device=dev), torch.tensor(0.0, device=dev)
+            opt.step()  # state made before the mode is set
+            work.append(opt)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for opt in work:
+                for _ in range(3):
+                    opt.step()
+        except RuntimeError as e:
+            raise CheckFailed(f"a host sync happened: {' '.join(str(e).split())[:300]}") from None
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for opt in work:
+            if not all(opt.state[p]["step"].item() == 4 for g in opt.param_groups for p in g["params"]):
+                raise CheckFailed("the steps did not advance to 4")
+        return "12 steps (6 and 1,000 tensors, lr a device tensor, grad_scale/found_inf) under sync debug mode 'error'"
+
+    return Check("cuda optim no host sync (set_sync_debug_mode)", fn, "cuda")
+
+
+def graph_check():
+    def fn(ctx):
+        from ..optim import AdamW
+
+        dev = _cuda()
+        replays = 0
+        for n in (6, 1000):  # 1,000 tensors: the device table tied to the graph
+            captured, eager = _model_params(n, dev), _model_params(n, dev)
+            lr_c, lr_e = torch.tensor(LR, device=dev), torch.tensor(LR, device=dev)
+            opt_c = AdamW(captured, lr=lr_c, l2_weight=0.37, amsgrad=True, capturable=True)
+            opt_e = AdamW(eager, lr=lr_e, l2_weight=0.37, amsgrad=True, capturable=True)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    opt_c.step()
+                    opt_e.step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt_c.step()
+            value = opt_c.penalty
+            for r in range(3):
+                with torch.no_grad():  # new grads and a new lr between replays
+                    for i, (a, b) in enumerate(zip(captured, eager)):
+                        a.grad.copy_(randn(a.shape, a.dtype, dev, 3000 * (r + 1) + i))
+                        b.grad.copy_(a.grad)
+                    lr_c.fill_(LR / (r + 2))
+                    lr_e.fill_(LR / (r + 2))
+                graph.replay()
+                opt_e.step()
+                torch.cuda.synchronize()
+                replays += 1
+                if not refs.bit_equal(value, opt_e.penalty):
+                    raise CheckFailed(f"{n} tensors, replay {r}: penalty {value.item()!r}, eager {opt_e.penalty.item()!r}")
+                for i, (a, b) in enumerate(zip(captured, eager)):
+                    if not refs.bit_equal(a.detach(), b.detach()):
+                        raise CheckFailed(f"{n} tensors, replay {r}: param {i} differs from the eager step")
+            del graph
+        return f"step() captured with 6 and 1,000 tensors (capturable, lr a device tensor); {replays} replays " \
+               "with new grads and lr bit-identical to eager steps"
+
+    return Check("cuda optim graph capture and replay", fn, "cuda")
+
+
+def bandwidth_check():
+    def fn(ctx):
+        from ..bench.timing import compare
+        from ..optim import AdamW
+
+        dev = _cuda()
+        n = 100_000_000
+        try:
+            ours = [torch.nn.Parameter(torch.randn(n, device=dev))]
+            theirs = [torch.nn.Parameter(torch.randn(n, device=dev))]
+            src = torch.empty(n * 14 // 4, device=dev)  # a copy moves 28 bytes per value: 14 read, 14 written
+            dst = torch.empty_like(src)
+        except torch.OutOfMemoryError:
+            raise Skip("not enough GPU memory for 1e8 values") from None
+        for p in ours + theirs:
+            p.grad = torch.randn_like(p)
+        opt = AdamW(ours, lr=1e-4, l2_weight=1e-4)
+        ref = torch.optim.AdamW(theirs, lr=1e-4, fused=True)
+        t = compare({"l2fast.optim.AdamW": opt.step, "torch fused AdamW": ref.step, "copy": lambda: dst.copy_(src)},
+                    rounds=5)
+        gbps = 28 * n / t["l2fast.optim.AdamW"] / 1e9
+        table = "\n".join(f"{k}: {v * 1e3:.3f} ms" for k, v in t.items())
+        return (f"1e8 float32 values: {gbps:,.0f} GB/s (28 B/value), {t['copy'] / t['l2fast.optim.AdamW']:.0%} of a "
+                f"same-bytes copy; {t['l2fast.optim.AdamW'] / t['torch fused AdamW']:.2f}x torch's fused AdamW "
+                "alone (no penalty)"), table
+
+    return Check("cuda optim bandwidth at 1e8 values", fn, "cuda", bench=True)
+
+
+def checks(device):
+    return [values_check(device), torch_parity_check(device), grad_scaler_check(device), determinism_check(device)]
+
+
+def cuda_checks():
+    from .checks_proc import bench_check
+
+    return [one_launch_check(), no_sync_check(), graph_check(), bandwidth_check(),
+            bench_check("cuda bench optim", ["optim", "--device", "cuda", "--sizes", "mlp,1M,10M,100M"])]
