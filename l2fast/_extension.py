@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from . import _cpu
+from . import _cpu, _torch_support
 
 INSTALL = "pip install --no-build-isolation --force-reinstall --no-deps ."
 REBUILD = f"rebuild it from the l2fast source folder: {INSTALL}"
@@ -108,6 +108,9 @@ def _import(so):
 
 def load():
     """Import the l2fast._C that fits (registering torch.ops.l2fast.*) and return its build info as a dict."""
+    too_old = _torch_support.problem(torch.__version__)
+    if too_old:
+        raise ImportError(too_old)
     own = _own_build()
     builds = ([own] if own else []) + list(_installed_builds())
     if not builds:
