@@ -113,3 +113,14 @@ class TestSupportedRange:
         deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
         low = ".".join(map(str, _torch_support.MIN_TORCH))
         assert f"torch>={low}" in deps
+
+    def test_ci_builds_and_tests_each_release_named_tested(self):
+        # The releases the refusal names as tested are the ones CI builds with CUDA and op-tests.
+        run = ROOT / ".ci" / "run"
+        if not run.is_file():
+            pytest.skip(f"tests are not in an l2fast checkout ({ROOT} has no .ci/run)")
+        text = run.read_text()
+        releases = [v.strip() for v in _torch_support.TESTED.replace(" and ", ", ").split(",")]
+        assert releases[0].startswith(".".join(map(str, _torch_support.MIN_TORCH)) + ".")
+        for release in releases:
+            assert f"torch=={release}" in text or f" {release}" in text, f"{release} is not built in .ci/run"
