@@ -199,7 +199,7 @@ class BuildExtension(cpp_extension.BuildExtension):
         if with_cuda:  # pip shows a build's output only with -v, or when it fails
             print(f"l2fast: building the CPU and CUDA kernels with nvcc {nvcc_or_reason[0]}.{nvcc_or_reason[1]} "
                   f"({cuda_home}) for torch {torch.__version__}, archs {os.environ.get('TORCH_CUDA_ARCH_LIST')}: "
-                  "a few minutes (L2FAST_CPU_ONLY=1 builds the CPU kernels only, in about a third of the time)",
+                  "several minutes on 2 cores (L2FAST_CPU_ONLY=1: the CPU kernels only, faster)",
                   file=sys.stderr, flush=True)
         super().run()
         info = {
