@@ -124,9 +124,9 @@ def _load(name):
 
 
 torch = _import_torch()
-_torch_support = _load("_torch_support")
-if _torch_support.problem(torch.__version__):
-    sys.exit(_torch_support.problem(torch.__version__))
+too_old = _load("_torch_support").problem(torch.__version__)
+if too_old:
+    sys.exit(too_old)
 cuda_home, nvcc_or_reason = (None, None) if _flag("L2FAST_CPU_ONLY") else _plan_cuda()
 with_cuda = cuda_home is not None
 cuda_skipped = None if with_cuda else nvcc_or_reason  # None where the user asked for the CPU only

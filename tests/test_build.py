@@ -187,3 +187,13 @@ class TestCudaToolkitChoice:
         done = _setup_py(checkout, tmp_path / "no-cuda-here", L2FAST_CPU_ONLY="1", L2FAST_REQUIRE_CUDA="1")
         assert done.returncode != 0
         assert self._lines(done) == ["l2fast: L2FAST_REQUIRE_CUDA=1 contradicts L2FAST_CPU_ONLY=1"]
+
+
+@pytest.mark.slow  # runs setup.py, which imports torch
+def test_build_against_an_older_torch_refused_in_one_line(tmp_path, checkout):
+    (tmp_path / "sitecustomize.py").write_text("import torch\ntorch.__version__ = '2.10.0+cu128'\n")
+    done = _setup_py(checkout, tmp_path / "no-cuda-here", PYTHONPATH=str(tmp_path))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "l2fast needs torch >= 2.11 (tested: 2.11.0, 2.14.1 and 2.15.0); torch 2.10.0+cu128 is installed: "
+        "pip install 'torch>=2.11'")
