@@ -13,11 +13,12 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import sys
+import warnings
 from pathlib import Path, PurePosixPath
 
 import torch
 
-from . import _cpu
+from . import _cpu, _torch_support
 
 INSTALL = "pip install --no-build-isolation --force-reinstall --no-deps ."
 REBUILD = f"rebuild it from the l2fast source folder: {INSTALL}"
@@ -108,6 +109,9 @@ def _import(so):
 
 def load():
     """Import the l2fast._C that fits (registering torch.ops.l2fast.*) and return its build info as a dict."""
+    too_old = _torch_support.problem(torch.__version__)
+    if too_old:
+        raise ImportError(too_old)
     own = _own_build()
     builds = ([own] if own else []) + list(_installed_builds())
     if not builds:
@@ -119,6 +123,12 @@ def load():
         portable = "L2FAST_PORTABLE=1 " if "AVX2/FMA/F16C" in why else ""
         raise ImportError(f"{why}: rebuild it from the l2fast source folder: {portable}{INSTALL}")
     folder, so, info = max(fitting, key=lambda b: b[1].stat().st_mtime)  # ties: the first, own folder
+    info = dict(info)
+    cuda_skipped = info.pop("cuda_skipped", None)
     if _MODULE not in sys.modules:
         _import(so)
-    return dict(info)
+        if cuda_skipped and not info.get("cuda") and torch.cuda.is_available():
+            # pip hid the build's warning (it shows a build's output only with -v): say it where it matters.
+            warnings.warn(f"l2fast was built without its CUDA kernels, so its ops take CPU tensors only: "
+                          f"{cuda_skipped}; then {REBUILD}", RuntimeWarning, stacklevel=2)
+    return info

@@ -87,13 +87,20 @@ def _backward_setup(ctx, inputs, output):
 
 def _backward_backward(ctx, grad_outs):
     # d/d(grad) and d/d(params) of grads_i = 2 * weight * w_i * grad * p_i: what double backward needs.
+    # One gradient per argument the op was called with (ctx.needs_input_grad): the dispatcher drops a
+    # weights=None equal to its default, and torch < 2.14 refuses a longer return.
     grad, *params = ctx.saved_tensors
+    needs_grad, needs_params = ctx.needs_input_grad[:2]
     ws = ctx.weights if ctx.weights is not None else [1.0] * len(params)
     acc = grad.dtype
-    d_grad = sum(2.0 * ctx.weight * w * torch.sum(go.to(acc) * p.to(acc))
-                 for go, p, w in zip(grad_outs, params, ws) if w != 0.0)
-    d_params = [(2.0 * ctx.weight * w * grad.to(acc) * go.to(acc)).to(p.dtype) for go, p, w in zip(grad_outs, params, ws)]
-    return torch.as_tensor(d_grad, dtype=acc, device=grad.device).reshape(grad.shape), d_params, None, None
+    d_grad = None
+    if needs_grad:
+        d_grad = sum((2.0 * ctx.weight * w * torch.sum(go.to(acc) * p.to(acc))
+                      for go, p, w in zip(grad_outs, params, ws) if w != 0.0),
+                     torch.zeros((), dtype=acc, device=grad.device)).reshape(grad.shape)
+    d_params = [(2.0 * ctx.weight * w * grad.to(acc) * go.to(acc)).to(p.dtype) if needs else None
+                for go, p, w, needs in zip(grad_outs, params, ws, needs_params)]
+    return (d_grad, d_params, None, None)[:len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd("l2fast::l2_penalty_backward", _backward_backward, setup_context=_backward_setup)

@@ -108,3 +108,94 @@ def test_pip_install_builds_into_the_environment_not_the_checkout(tmp_path):
         subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
                        capture_output=True, text=True, check=True, timeout=60).stdout.strip()).resolve()
     assert out["value"] == pytest.approx(out["reference"], rel=1e-6)
+
+
+def _fake_toolkit(folder, release):
+    """A CUDA_HOME whose nvcc reports release (what setup.py asks before choosing a toolkit)."""
+    (folder / "bin").mkdir(parents=True)
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    f"echo 'Cuda compilation tools, release {release}, V{release}.99'\n")
+    nvcc.chmod(0o755)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    return _checkout(tmp_path_factory.mktemp("setup") / "checkout")
+
+
+def _setup_py(checkout, cuda_home, **env_extra):
+    """`python setup.py --version` in a copy of the checkout: runs setup.py's checks and plan, builds nothing."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "L2FAST_CPU_ONLY", "L2FAST_REQUIRE_CUDA", "CUDA_PATH")}
+    env.update(CUDA_HOME=str(cuda_home), **env_extra)
+    return subprocess.run([sys.executable, "setup.py", "--version"], cwd=checkout, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+needs_cuda_torch = pytest.mark.skipif(torch.version.cuda is None, reason="torch has no CUDA: setup.py builds the CPU only")
+TORCH_CUDA = torch.version.cuda
+TORCH_MAJOR = int(TORCH_CUDA.split(".")[0]) if TORCH_CUDA else None
+WANTED = f"install CUDA {TORCH_MAJOR}.x (torch {torch.__version__} was built with CUDA {TORCH_CUDA})"
+HINT = "(L2FAST_CPU_ONLY=1 asks for a CPU-only build without this warning; L2FAST_REQUIRE_CUDA=1 makes it an error)"
+
+
+@pytest.mark.slow  # each runs setup.py, which imports torch: a few seconds
+@needs_cuda_torch
+class TestCudaToolkitChoice:
+    """A CUDA build that cannot work becomes a CPU-only build with one warning line, or with
+    L2FAST_REQUIRE_CUDA=1 a one-line failure; pip install . never fails for it."""
+
+    def _lines(self, done):
+        return [line for line in done.stderr.splitlines() if line.startswith("l2fast:")]
+
+    def test_nvcc_of_another_major_version_warns_and_builds_for_the_cpu(self, tmp_path, checkout):
+        home = _fake_toolkit(tmp_path / "cuda", f"{TORCH_MAJOR - 1}.8")
+        done = _setup_py(checkout, home)
+        assert done.returncode == 0, done.stderr
+        assert self._lines(done) == [
+            f"l2fast: WARNING: building the CPU kernels only: nvcc {TORCH_MAJOR - 1}.8 ({home}) cannot build for "
+            f"torch's CUDA: {WANTED} and set CUDA_HOME to it {HINT}"]
+
+    def test_required_cuda_fails_in_one_line_saying_why(self, tmp_path, checkout):
+        home = _fake_toolkit(tmp_path / "cuda", f"{TORCH_MAJOR + 1}.0")
+        done = _setup_py(checkout, home, L2FAST_REQUIRE_CUDA="1")
+        assert done.returncode != 0
+        assert self._lines(done) == [
+            f"l2fast: L2FAST_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: nvcc {TORCH_MAJOR + 1}.0 ({home}) "
+            f"cannot build for torch's CUDA: {WANTED} and set CUDA_HOME to it"]
+
+    def test_no_toolkit(self, tmp_path, checkout):
+        done = _setup_py(checkout, tmp_path / "no-cuda-here")
+        assert done.returncode == 0, done.stderr
+        assert self._lines(done) == [
+            f"l2fast: WARNING: building the CPU kernels only: no CUDA toolkit found (no nvcc in "
+            f"CUDA_HOME={tmp_path / 'no-cuda-here'}): {WANTED} and set CUDA_HOME to it {HINT}"]
+
+    def test_another_minor_version_of_torchs_major_is_used(self, tmp_path, checkout):
+        # e.g. nvcc 13.0 for torch's CUDA 13.2: the toolkit's own headers, the missing library headers from pip's.
+        minor = 9 if TORCH_CUDA.split(".")[1] != "9" else 8
+        done = _setup_py(checkout, _fake_toolkit(tmp_path / "cuda", f"{TORCH_MAJOR}.{minor}"))
+        assert done.returncode == 0, done.stderr
+        assert self._lines(done) == []
+
+    def test_asked_for_the_cpu_only_no_warning(self, tmp_path, checkout):
+        done = _setup_py(checkout, tmp_path / "no-cuda-here", L2FAST_CPU_ONLY="1")
+        assert done.returncode == 0, done.stderr
+        assert self._lines(done) == []
+
+    def test_cpu_only_with_required_cuda_contradicts(self, tmp_path, checkout):
+        done = _setup_py(checkout, tmp_path / "no-cuda-here", L2FAST_CPU_ONLY="1", L2FAST_REQUIRE_CUDA="1")
+        assert done.returncode != 0
+        assert self._lines(done) == ["l2fast: L2FAST_REQUIRE_CUDA=1 contradicts L2FAST_CPU_ONLY=1"]
+
+
+@pytest.mark.slow  # runs setup.py, which imports torch
+def test_build_against_an_older_torch_refused_in_one_line(tmp_path, checkout):
+    (tmp_path / "sitecustomize.py").write_text("import torch\ntorch.__version__ = '2.10.0+cu128'\n")
+    done = _setup_py(checkout, tmp_path / "no-cuda-here", PYTHONPATH=str(tmp_path))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == (
+        "l2fast needs torch >= 2.11 (tested: 2.11.0, 2.14.1 and 2.15.0); torch 2.10.0+cu128 is installed: "
+        "pip install 'torch>=2.11'")

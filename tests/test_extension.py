@@ -204,7 +204,7 @@ def _checkout_root():
 
 def test_setup_py_uses_the_shared_cpu_check():
     text = (_checkout_root() / "setup.py").read_text()
-    assert '"l2fast" / "_cpu.py"' in text and "missing_avx2_features()" in text
+    assert '_load("_cpu").missing_avx2_features()' in text
     assert "/proc/cpuinfo" not in text and '"f16c"' not in text  # no second copy of the check
 
 
@@ -226,3 +226,35 @@ class TestVersion:
                               cwd=tree, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "0+unknown"
+
+
+WARN_PROBE = textwrap.dedent("""
+    import json, warnings, torch
+    torch.cuda.is_available = lambda: {gpu}  # what a machine with a GPU answers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import l2fast.ops
+    print(json.dumps([str(w.message) for w in caught if "l2fast" in str(w.message)]))
+""")
+
+
+@pytest.mark.parametrize("gpu, skipped, warned", [
+    (True, "nvcc 12.8 (/opt/cuda) cannot build for torch's CUDA: install CUDA 13.x and set CUDA_HOME to it", True),
+    (True, None, False),  # the user asked for a CPU-only build (L2FAST_CPU_ONLY=1)
+    (False, "no CUDA toolkit found", False),  # no GPU here: the CPU kernels are all it can use
+])
+def test_cpu_only_build_of_a_cuda_torch_warns_on_a_gpu(tmp_path, site_packages, gpu, skipped, warned):
+    # pip shows setup.py's warning only with -v: the import says it where the CUDA kernels are missed.
+    info = re.sub(r"(?m)^CUDA = .*$", "CUDA = False", BUILD_INFO) + f"CUDA_SKIPPED = {skipped!r}\n"
+    tree = _package(tmp_path / "checkout", info).parent
+    env = dict(os.environ, PYTHONPATH=str(site_packages))
+    done = subprocess.run([sys.executable, "-S", "-c", WARN_PROBE.format(gpu=gpu)], cwd=tree, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    expected = [f"l2fast was built without its CUDA kernels, so its ops take CPU tensors only: {skipped}; then "
+                f"{_extension.REBUILD}"] if warned else []
+    assert json.loads(done.stdout) == expected
+
+
+def test_build_info_does_not_carry_the_skip_reason():
+    assert "cuda_skipped" not in l2fast.build_info()
