@@ -50,9 +50,9 @@ def _venv(path, layout):
     return python
 
 
-def _pip(python, *args, cwd):
+def _pip(python, *args, cwd, **extra_env):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(L2FAST_CPU_ONLY="1", MAX_JOBS=env.get("MAX_JOBS", "2"), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.update(L2FAST_CPU_ONLY="1", MAX_JOBS=env.get("MAX_JOBS", "2"), PIP_DISABLE_PIP_VERSION_CHECK="1", **extra_env)
     return subprocess.run([str(python), "-m", "pip", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=1500)
 
@@ -81,9 +81,17 @@ def test_no_torch_anywhere_is_one_line_naming_no_build_isolation(tmp_path):
 PROBE = textwrap.dedent("""
     import json, sys, torch
     import l2fast.ops
+
+    def error():  # a message the C++ code formats with numbers in it
+        try:
+            torch.ops.l2fast.sq_norm([torch.zeros(2), torch.zeros(3, dtype=torch.int32)])
+        except TypeError as e:
+            return str(e).splitlines()[0]
+
     x = torch.linspace(-3, 3, 4001)[1::4]
     print(json.dumps({"package": l2fast.__file__, "so": sys.modules["l2fast._C"].__file__,
-                      "value": torch.ops.l2fast.sq_norm([x]).item(), "reference": x.double().pow(2).sum().item()}))
+                      "value": torch.ops.l2fast.sq_norm([x]).item(), "reference": x.double().pow(2).sum().item(),
+                      "error": error()}))
 """)
 
 
@@ -94,7 +102,10 @@ def test_pip_install_builds_into_the_environment_not_the_checkout(tmp_path):
     # checkout's root (the README's `python -m l2fast.train`) still finds it.
     python = _venv(tmp_path / "venv", "pth")
     checkout = _checkout(tmp_path / "checkout")
-    done = _pip(python, "install", "--no-deps", ".", cwd=checkout)
+    # Linked as on the GPU machine's toolchain, whose compiler brings its own static libstdc++, with
+    # Python's -Bsymbolic-functions: a second C++ runtime in _C cut every error message at its first number.
+    done = _pip(python, "install", "--no-deps", ".", cwd=checkout,
+                LDFLAGS="-static-libstdc++ -Wl,-Bsymbolic-functions")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert not list((checkout / "l2fast").glob("_C*")) and not (checkout / "l2fast" / "_build_info.py").exists()
 
@@ -108,6 +119,8 @@ def test_pip_install_builds_into_the_environment_not_the_checkout(tmp_path):
         subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['platlib'])"],
                        capture_output=True, text=True, check=True, timeout=60).stdout.strip()).resolve()
     assert out["value"] == pytest.approx(out["reference"], rel=1e-6)
+    assert out["error"] == ("l2fast.sq_norm: tensors[1] has dtype Int; expected a floating-point tensor "
+                            "(float32, float64, float16 or bfloat16)")
 
 
 def _fake_toolkit(folder, release):
