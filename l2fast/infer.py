@@ -55,9 +55,10 @@ def build_parser():
     p.add_argument("--invert", action="store_const", const="white", dest="background",
                    help="same as --background white")
     p.add_argument("--fit", choices=FITS, default="auto",
-                   help="how image files become 28x28: mnist = bounding box into 20x20 centered by mass; stretch = "
-                        "resize whole image; none = must already be 28x28; auto (default) = none for 28x28 "
-                        "images, else mnist")
+                   help="how image files become 28x28: mnist = bounding box into 20x20, centre of mass at (14, 14), "
+                        "as MNIST; stretch = resize whole image; none = must already be 28x28; auto (default) = none "
+                        "for a 28x28 image whose digit already sits as MNIST's do (box 16-20 px, centre of mass "
+                        "within 1 px of (14, 14)), else mnist")
     p.add_argument("--cpu", action="store_true", help="use the CPU provider even if CUDA is available")
     return p
 

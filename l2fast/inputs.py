@@ -20,8 +20,9 @@ MAX_IMAGE_PIXELS pixels is refused from its header, before anything is decoded:
      takes the image as is; `white` inverts it;
   3. size (`fit`): `mnist` crops the digit's bounding box (pixels above FIT_THRESHOLD after step 2),
      scales it with LANCZOS so its longer side is 20 px, aspect kept, and pastes it into a black
-     28x28 image with its center of mass at the center (MNIST's recipe); `stretch` resizes the
-     whole image to 28x28; `none` requires 28x28; `auto` (default): `none` for 28x28, else `mnist`.
+     28x28 image with its center of mass at pixel (14, 14) (MNIST's recipe); `stretch` resizes the
+     whole image to 28x28; `none` requires 28x28; `auto` (default): `none` for a 28x28 image whose
+     digit already sits as MNIST's do (`looks_like_mnist`), else `mnist`.
   A FitWarning (a UserWarning) says when the result looks wrong: no digit left, most of the image
   foreground (wrong polarity?), or a light border kept with `background="black"`.
 Arrays (.npy [N,28,28]/[N,1,28,28]/[28,28], uint8 or float in [0,1]; IDX uint8 [N,28,28]) are taken
@@ -44,6 +45,14 @@ from .errors import InputError
 
 FIT_BOX = 20  # MNIST: the digit's bounding box is scaled to fit 20x20, then centered in 28x28
 FIT_THRESHOLD = 64  # pixels above this (after polarity) belong to the digit; 64 ignores JPEG noise
+# Where MNIST puts a digit's centre of mass: within half a pixel of pixel (14, 14) (measured on the
+# bundled sample's 10,000 digits: 13.50..14.50 on both axes), not the image's middle, 13.5.
+MNIST_CENTER = 14.0
+# What `fit="auto"` takes as already fitted: a bounding box whose longer side is MNIST_BOX px (the
+# sample's: 16..20 at FIT_THRESHOLD, 20 for 99.85%), a centre of mass within MNIST_CENTER_SLACK px
+# of MNIST_CENTER on each axis (the sample's: within 0.5).
+MNIST_BOX = (16, FIT_BOX)
+MNIST_CENTER_SLACK = 1.0
 BACKGROUNDS = ("auto", "black", "white")
 FITS = ("auto", "mnist", "stretch", "none")
 DEFAULT_BATCH = 1024
@@ -241,32 +250,56 @@ def decode_image(path):
     return gray
 
 
+def _box(mask):
+    """(top, bottom, left, right) of the True pixels of a 2-D mask, bounds inclusive; None when none."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (rows[0], rows[-1], cols[0], cols[-1]) if len(rows) else None
+
+
+def center_of_mass(image):
+    """(row, column) of an image's centre of mass, its pixel values the weights; None when all are 0."""
+    weights = image.astype(np.float64)
+    total = weights.sum()
+    if not total > 0:
+        return None
+    return ((weights.sum(axis=1) * np.arange(weights.shape[0])).sum() / total,
+            (weights.sum(axis=0) * np.arange(weights.shape[1])).sum() / total)
+
+
+def looks_like_mnist(gray):
+    """True when a uint8 [28,28] white-on-black digit already sits as MNIST's do: its bounding box
+    (pixels above FIT_THRESHOLD) MNIST_BOX px on its longer side, its centre of mass within
+    MNIST_CENTER_SLACK px of MNIST_CENTER. An image with no digit counts as fitted: there is nothing to move."""
+    box = _box(gray > FIT_THRESHOLD)
+    if box is None:
+        return True
+    top, bottom, left, right = box
+    longer = max(bottom - top, right - left) + 1
+    cy, cx = center_of_mass(gray)
+    return (MNIST_BOX[0] <= longer <= MNIST_BOX[1] and abs(cy - MNIST_CENTER) <= MNIST_CENTER_SLACK
+            and abs(cx - MNIST_CENTER) <= MNIST_CENTER_SLACK)
+
+
 def fit_mnist(gray):
-    """uint8 [H,W] white-on-black -> uint8 [28,28]: bounding box into 20x20 (aspect kept), centered by mass."""
+    """uint8 [H,W] white-on-black -> uint8 [28,28]: bounding box into 20x20 (aspect kept), centre of mass
+    at MNIST's (14, 14)."""
     from PIL import Image
 
-    mask = gray > FIT_THRESHOLD
-    if not mask.any():
+    box = _box(gray > FIT_THRESHOLD)
+    if box is None:
         return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    top, bottom, left, right = box
+    crop = gray[top:bottom + 1, left:right + 1]
     h, w = crop.shape
     scale = FIT_BOX / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     small = np.asarray(Image.fromarray(crop).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.uint8)
-    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float64)
-    weights = small.astype(np.float64)
-    total = weights.sum()
-    if total > 0:
-        cy = (weights.sum(axis=1) * np.arange(nh)).sum() / total
-        cx = (weights.sum(axis=0) * np.arange(nw)).sum() / total
-    else:
-        cy, cx = (nh - 1) / 2, (nw - 1) / 2
-    center = (IMAGE_SIZE - 1) / 2
-    top = int(np.clip(round(center - cy), 0, IMAGE_SIZE - nh))
-    left = int(np.clip(round(center - cx), 0, IMAGE_SIZE - nw))
-    canvas[top:top + nh, left:left + nw] = weights
-    return canvas.astype(np.uint8)
+    cy, cx = center_of_mass(small) or ((nh - 1) / 2, (nw - 1) / 2)
+    top = int(np.clip(round(MNIST_CENTER - cy), 0, IMAGE_SIZE - nh))
+    left = int(np.clip(round(MNIST_CENTER - cx), 0, IMAGE_SIZE - nw))
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    canvas[top:top + nh, left:left + nw] = small
+    return canvas
 
 
 def load_image(path, background="auto", fit="auto"):
@@ -292,7 +325,7 @@ def load_image(path, background="auto", fit="auto"):
         warnings.warn(f"{path}: {mask.mean():.0%} of the image is foreground after polarity (MNIST digits cover "
                       f"about 20%): wrong --background?", FitWarning, stacklevel=2)
     if fit == "auto":
-        fit = "none" if gray.shape == (IMAGE_SIZE, IMAGE_SIZE) else "mnist"
+        fit = "none" if gray.shape == (IMAGE_SIZE, IMAGE_SIZE) and looks_like_mnist(gray) else "mnist"
     if fit == "mnist":
         return fit_mnist(gray)
     if fit == "stretch":
