@@ -175,8 +175,6 @@ class TrainStep:
 
     keep_grads: zero the grads in place instead of dropping them (what a CUDA graph needs: its
     kernels write to fixed addresses); otherwise backward hands its fresh grads over, no copy.
-    reduce_losses: applied to that tensor before it is returned (identity here; l2fast.train
-    instead averages its loss history over ranks at the log lines).
     shard=(rank, world): data parallel. idx is the global batch; this rank trains on its share,
     torch.tensor_split(idx, world)[rank], and its data loss is the share's cross-entropy sum times
     world / len(idx) (its mean when the shares are equal), so that gradients averaged over the ranks
@@ -184,13 +182,11 @@ class TrainStep:
     averaged over the ranks are the global batch's.
     """
 
-    def __init__(self, model, optimizer, images, labels, penalty, compile=False, keep_grads=False,
-                 reduce_losses=None, shard=(0, 1)):
+    def __init__(self, model, optimizer, images, labels, penalty, compile=False, keep_grads=False, shard=(0, 1)):
         self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
         self.penalty, self.keep_grads = penalty, keep_grads
         self.rank, self.world = shard
         self.loss_fn = nn.CrossEntropyLoss()
-        self.reduce_losses = reduce_losses or (lambda losses: losses)
         forward = self._forward_with_term if penalty.in_loss else self._forward
         self.forward = torch.compile(forward) if compile else forward
 
@@ -222,7 +218,7 @@ class TrainStep:
             l2 = self.penalty.add_grad()
             loss = data_loss.detach() + l2
         self.optimizer.step()
-        return self.reduce_losses(torch.stack([loss.detach(), data_loss.detach(), l2.detach().to(loss.dtype)]))
+        return torch.stack([loss.detach(), data_loss.detach(), l2.detach().to(loss.dtype)])
 
 
 class CUDAGraphStep:

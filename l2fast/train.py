@@ -352,13 +352,12 @@ def _output_bytes():
 
 def _train(config, ctx):
     wall_start = time.perf_counter()
-    agree = ctx.agree if ctx else (lambda fn, *args, main_only=False: fn(*args))
-    ctx = ctx or parallel.Context()
-    device = agree(_setup, config, ctx if ctx.kind else None)
-    agree(_download, config, main_only=True)  # one rank downloads; the others then read its files
-    data, steps_per_epoch, total_steps = agree(_load, config)
-    out, metrics_path = agree(prepare_outputs, config.out, config.metrics, config.overwrite, _output_bytes(),
-                              main_only=True) or (None, None)
+    ctx = ctx or parallel.Context()  # one process: agree() just calls
+    device = ctx.agree(_setup, config, ctx if ctx.kind else None)
+    ctx.agree(_download, config, main_only=True)  # one rank downloads; the others then read its files
+    data, steps_per_epoch, total_steps = ctx.agree(_load, config)
+    out, metrics_path = ctx.agree(prepare_outputs, config.out, config.metrics, config.overwrite, _output_bytes(),
+                                  main_only=True) or (None, None)
     if ctx.is_main:
         config.out, config.metrics = str(out), str(metrics_path)
     print(f"dataset: {data.name} ({data.source})", flush=True)

@@ -300,7 +300,7 @@ def _bad_inputs(tmp_path, sample):
     (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
     bad["broken.npy"] = "not a readable .npy"
     write_idx(tmp_path / "labels-idx1-ubyte", sample.test_labels[:10].astype(np.uint8))
-    bad["labels-idx1-ubyte"] = "shape [10]"
+    bad["labels-idx1-ubyte"] = "header says uint8 [10]"
     write_idx(tmp_path / "whole-idx3-ubyte", sample.test_images[:4])
     (tmp_path / "cut-idx3-ubyte").write_bytes((tmp_path / "whole-idx3-ubyte").read_bytes()[:-100])
     bad["cut-idx3-ubyte"] = "truncated"
@@ -368,7 +368,7 @@ def test_bad_models_are_usage_errors(onnx_path, inputs, tmp_path, capsys):
 
 def test_usage_errors(onnx_path, inputs, capsys):
     for extra, needle in ((["--top-k", "0"], "--top-k 0"), (["--batch-size", "0"], "--batch-size 0"),
-                          (["--threads", "0"], "--threads 0")):
+                          (["--threads", "0"], "threads=0")):
         rc, out, err = run_infer([str(onnx_path), str(inputs / "d0.png"), *extra], capsys)
         assert rc == 2 and needle in err and out == ""
     rc, out, err = run_infer([str(onnx_path)], capsys)  # argparse: no inputs, one line too
@@ -557,7 +557,8 @@ def test_cut_gzip_idx_is_named_and_the_others_answered(onnx_path, inputs, capsys
 def test_threads_out_of_range_is_one_line_not_a_hang(onnx_path, inputs):
     r = run_py(["-m", "l2fast.infer", str(onnx_path), "d0.png", "--threads", "100000"], cwd=inputs, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --threads 100000: expected 1..")
+    # checked once, by the Predictor, before the model is read
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: threads=100000: expected 1..")
     with pytest.raises(infer.UsageError, match="threads=100000"):
         infer.Predictor(onnx_path, threads=100000)
 
