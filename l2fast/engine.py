@@ -7,27 +7,17 @@ one kernel (an l2fast.L2Penalty built once beside the optimizer); AUTOGRAD and R
 differentiable term in the loss (the l2fast op, or the notebook's torch.cat formula). TrainStep's
 `shard=(rank, world)` trains one rank's share of each global batch under DDP or FSDP2.
 """
-import enum
 import platform
 
 import torch
 from torch import nn
 
 from ._cpu import max_threads
+from .choices import ADAMW_IMPLS, PENALTIES, Penalty  # noqa: F401  (engine.PENALTIES: the names the CLIs offer)
 from .errors import UsageError
 
-ADAMW_IMPLS = ("fused", "foreach", "default")
 CUDA_GRAPH_WARMUP_STEPS = 3
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed accepts
-
-
-class Penalty(str, enum.Enum):
-    FUSED = "fused"          # l2fast.l2_penalty_ after backward: grad += 2 * weight * p, returns the value
-    AUTOGRAD = "autograd"    # l2fast.l2_penalty in the loss, differentiated by autograd
-    REFERENCE = "reference"  # the notebook's torch.cat formula in the loss
-
-
-PENALTIES = tuple(p.value for p in Penalty)
 
 
 # ----------------------------------------------------------------------------- machine

@@ -36,7 +36,7 @@ from .predictor import Prediction, Predictor, max_threads, softmax_argmax  # noq
 
 def build_parser():
     p = _cli.ArgumentParser(
-        prog="python -m l2fast.infer",
+        prog=_cli.prog("l2fast.infer", "l2fast-infer"),
         description="Classify 28x28 digits with an ONNX model exported by python -m l2fast.export, "
                     "using onnxruntime only (no torch).",
         epilog="Exit codes: 0 all predicted, 1 some inputs failed (others still printed), 2 usage or model error.")
