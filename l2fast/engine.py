@@ -282,6 +282,11 @@ def evaluate(model, images, labels, chunk=4096):
 
 
 def param_sq_norm(model):
-    """sum of p^2 over all parameters, as a Python float (inf or nan when the weights are)."""
+    """sum of p^2 over all parameters, as a Python float (inf or nan when the weights are). Over FSDP2's
+    DTensor shards it is the global value, on every rank: each rank must call it (one all-reduce a tensor)."""
+    total = 0.0
     with torch.no_grad():
-        return sum(float(p.double().square().sum()) for p in model.parameters())
+        for p in model.parameters():
+            part = p.double().square().sum()
+            total += float(part.full_tensor() if hasattr(part, "full_tensor") else part)
+    return total

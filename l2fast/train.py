@@ -409,7 +409,7 @@ def _train(config, ctx):
         checkpoint.save(out / checkpoint.CHECKPOINT_FILE, trained, config.plain(),
                         {"name": data.name, "data_dir": str(config.data_dir)})
         run.checkpoint = checkpoint.CHECKPOINT_FILE
-        plot_losses(out / "loss.png", history)
+        plot_losses(out / "loss.png", history, run.records, summary, steps_per_epoch)
         write_summary(out, summary)
         run.finished = True
     print(f"test accuracy {100 * test_accuracy:.2f}%, test loss {test_loss:.5f}; {run.steps_done} steps in "
@@ -437,11 +437,13 @@ def run_epochs(run, step, model, shuffle, history, train_x, test_x, test_y, step
         seconds, logged = run_epoch(step, perm, n_steps, batch, epoch, config.log_every, history,
                                     run.steps_done, not config.no_progress and ctx.is_main, reduce_rows)
         test_loss, test_accuracy = engine.evaluate(eval_model, test_x, test_y)
+        sq_norm = engine.param_sq_norm(model)  # for loss.png: what the L2 term penalises, even at weight 0
         samples_per_second = min(n_steps * batch, n_train) / seconds
         print(f"Epoch {epoch}: test loss {test_loss:.5f}, test accuracy {100 * test_accuracy:.2f}% "
               f"({len(test_x):,} images); {seconds:.2f} s, {samples_per_second:,.0f} samples/s", flush=True)
         run.records += logged + [{"epoch": epoch, "test_loss": test_loss, "test_accuracy": test_accuracy,
-                                  "epoch_seconds": seconds, "samples_per_second": samples_per_second}]
+                                  "epoch_seconds": seconds, "samples_per_second": samples_per_second,
+                                  "param_sq_norm": sq_norm}]
         run.epochs_done, run.steps_done = epoch, run.steps_done + n_steps
         train_seconds += seconds
         run.status("running", total_steps=total_steps, checkpoint=None)
