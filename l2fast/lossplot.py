@@ -36,7 +36,8 @@ def _title(settings, epochs, steps):
     result = (f"after epoch {last['epoch']}: test accuracy {100 * last['test_accuracy']:.2f}%, "
               f"test loss {last['test_loss']:.4f}" if last else "no epoch completed")
     return "\n".join([
-        f"{data.get('name', '?')}{sizes}: {len(epochs)} epoch(s), {steps:,} steps of batch {settings.get('batch_size', '?')}",
+        f"{data.get('name', '?')}{sizes}: {len(epochs)} epoch(s), {steps:,} steps of batch "
+        f"{settings.get('batch_size', '?')}",
         f"L2 weight {settings.get('l2_weight', 0):g} (coupled: in the loss; --penalty {settings.get('penalty', '?')}) · "
         f"AdamW lr {settings.get('lr', 0):g}, weight decay {'?' if wd is None else f'{wd:g}'} (decoupled)",
         result])
