@@ -114,7 +114,9 @@ def figure(history, records=(), settings=None, steps_per_epoch=None):
                     label="Σ‖p‖² measured at each epoch's end")
     if weight > 0 or measured:
         grew = last > first
-        if weight > 0 and grew:
+        if abs(last - first) <= 1e-3 * abs(first):
+            why = f"Σ‖p‖² changed little: {span}."
+        elif weight > 0 and grew:
             why = (f"Σ‖p‖² grew {span}: fitting the data grows the weights, and the L2 loss ({weight:g} × Σ‖p‖²) "
                    f"grows with them.\nThe penalty's gradient, 2 × {weight:g} × p, pulls every weight toward 0 and "
                    f"holds that growth back; AdamW's decoupled weight decay shrinks them too.")
