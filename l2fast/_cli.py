@@ -1,6 +1,11 @@
-"""The one place where CLIs turn library exceptions into a one-line message and an exit code."""
+"""What every l2fast command shares: the one place where library exceptions become a one-line
+message and an exit code (`run`), argparse as the commands use it (their name as the user typed it,
+defaults shown, errors as UsageError), and modules imported on first use, so that `--help` answers
+without importing torch."""
 import argparse
 import contextlib
+import importlib
+import os
 import signal
 import sys
 import threading
@@ -8,12 +13,58 @@ import threading
 from .errors import L2fastError, UsageError, describe
 
 
+def prog(module, script):
+    """The command as the user typed it: the console script `script` (l2fast-train) or `python -m module`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if name in (script, script + ".exe") else f"python -m {module}"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """A description of several lines (a module docstring) as written, one line wrapped; and every
+    option's default shown: appended as `(default: X)` unless its help already says it or there is
+    nothing to show (a flag, no default)."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default == "" or
+                default is argparse.SUPPRESS or not action.option_strings or action.nargs == 0):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are UsageError, so that run() prints them as one line with exit 2
-    (argparse itself prints the usage block and the error on two or more lines)."""
+    (argparse itself prints the usage block and the error on two or more lines), and whose help
+    shows every default (HelpFormatter)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):
         raise UsageError(message)
+
+
+class LazyModule:
+    """A module imported on its first attribute access. A command binds the modules that import torch
+    this way, so that parsing its options (and `--help`) costs no torch import."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):  # only for what the instance itself lacks, i.e. the module's names
+        module = self.__dict__.get("_module")
+        if module is None:
+            module = self.__dict__["_module"] = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+    def __repr__(self):
+        return f"<module {self._name!r}, imported on first use>"
 
 
 class Terminated(BaseException):

@@ -9,28 +9,17 @@ optimizer); AUTOGRAD and REFERENCE put a differentiable term in the loss (the l2
 notebook's torch.cat formula). TrainStep's `shard=(rank, world)` trains one rank's share of each
 global batch under DDP or FSDP2.
 """
-import enum
 import platform
 
 import torch
 from torch import nn
 
 from ._cpu import max_threads
+from .choices import ADAMW_IMPLS, PENALTIES, Penalty  # noqa: F401  (engine.PENALTIES: the names the CLIs offer)
 from .errors import UsageError
 
-ADAMW_IMPLS = ("fused", "foreach", "default")
 CUDA_GRAPH_WARMUP_STEPS = 3
 SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.manual_seed accepts
-
-
-class Penalty(str, enum.Enum):
-    OPTIMIZER = "optimizer"  # l2fast.optim.AdamW(l2_weight=weight): the penalty inside the step, one pass
-    FUSED = "fused"          # l2fast.l2_penalty_ after backward: grad += 2 * weight * p, returns the value
-    AUTOGRAD = "autograd"    # l2fast.l2_penalty in the loss, differentiated by autograd
-    REFERENCE = "reference"  # the notebook's torch.cat formula in the loss
-
-
-PENALTIES = tuple(p.value for p in Penalty)
 
 
 # ----------------------------------------------------------------------------- machine
@@ -213,8 +202,6 @@ class TrainStep:
 
     keep_grads: zero the grads in place instead of dropping them (what a CUDA graph needs: its
     kernels write to fixed addresses); otherwise backward hands its fresh grads over, no copy.
-    reduce_losses: applied to that tensor before it is returned (identity here; l2fast.train
-    instead averages its loss history over ranks at the log lines).
     shard=(rank, world): data parallel. idx is the global batch; this rank trains on its share,
     torch.tensor_split(idx, world)[rank], and its data loss is the share's cross-entropy sum times
     world / len(idx) (its mean when the shares are equal), so that gradients averaged over the ranks
@@ -222,13 +209,11 @@ class TrainStep:
     averaged over the ranks are the global batch's.
     """
 
-    def __init__(self, model, optimizer, images, labels, penalty, compile=False, keep_grads=False,
-                 reduce_losses=None, shard=(0, 1)):
+    def __init__(self, model, optimizer, images, labels, penalty, compile=False, keep_grads=False, shard=(0, 1)):
         self.model, self.optimizer, self.images, self.labels = model, optimizer, images, labels
         self.penalty, self.keep_grads = penalty, keep_grads
         self.rank, self.world = shard
         self.loss_fn = nn.CrossEntropyLoss()
-        self.reduce_losses = reduce_losses or (lambda losses: losses)
         forward = self._forward_with_term if penalty.in_loss else self._forward
         self.forward = torch.compile(forward) if compile else forward
 
@@ -263,7 +248,7 @@ class TrainStep:
             if l2 is None:
                 l2 = self.optimizer.penalty
             loss = data_loss.detach() + l2
-        return self.reduce_losses(torch.stack([loss.detach(), data_loss.detach(), l2.detach().to(loss.dtype)]))
+        return torch.stack([loss.detach(), data_loss.detach(), l2.detach().to(loss.dtype)])
 
 
 class CUDAGraphStep:
@@ -337,6 +322,11 @@ def evaluate(model, images, labels, chunk=4096):
 
 
 def param_sq_norm(model):
-    """sum of p^2 over all parameters, as a Python float (inf or nan when the weights are)."""
+    """sum of p^2 over all parameters, as a Python float (inf or nan when the weights are). Over FSDP2's
+    DTensor shards it is the global value, on every rank: each rank must call it (one all-reduce a tensor)."""
+    total = 0.0
     with torch.no_grad():
-        return sum(float(p.double().square().sum()) for p in model.parameters())
+        for p in model.parameters():
+            part = p.double().square().sum()
+            total += float(part.full_tensor() if hasattr(part, "full_tensor") else part)
+    return total

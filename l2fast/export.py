@@ -151,7 +151,7 @@ def _load_verification_data(ckpt, dataset, data_dir):
 
 
 def build_parser():
-    p = _cli.ArgumentParser(prog="python -m l2fast.export",
+    p = _cli.ArgumentParser(prog=_cli.prog("l2fast.export", "l2fast-export"),
                                 description="Export a trained l2fast MLP to ONNX, TorchScript and torch.export, "
                                             "verified against eager PyTorch on the run's test images.")
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",

@@ -5,9 +5,9 @@ dimension, then the values, big-endian, row-major.
 
 Reading is bounded: the header's dtype and item shape are checked against what the caller expects,
 its claimed size against the file's real size (or, for gzip, against the most deflate can inflate
-that many bytes to) and the caller's item limit, all before anything is allocated; a gzip file is
-inflated piece by piece into an array of exactly the claimed size, so a gzip bomb costs no more
-memory than its header admits.
+that many bytes to and the size the gzip trailer records) and the caller's item limit, all before
+anything is allocated; a gzip file is inflated piece by piece into an array of exactly the claimed
+size, so a gzip bomb costs no more memory than its header admits.
 """
 import gzip
 import io
@@ -37,9 +37,10 @@ class IDXReader:
     """An IDX file opened for reading in pieces: `shape`, `dtype`, then `read(count)` for the next
     items along the first axis. `max_items` bounds the first dimension the header may claim.
 
-    `source` is a path (a `.gz` name is inflated) or a binary file object (then give `name`).
-    `item_shape` and `dtype`, when given, are what each item must be: a header that says otherwise
-    is refused (naming `expected`, the caller's words for it) before any data is read.
+    `source` is a path (a `.gz` name is inflated) or a seekable binary file object (then give `name`,
+    and `compressed` for gzip). `item_shape` and `dtype`, when given, are what each item must be: a
+    header that says otherwise is refused before any data is read. Every error ends with `expected`,
+    the caller's words for what the file should be.
     """
 
     def __init__(self, source, max_items=None, name=None, compressed=None, item_shape=None, dtype=None,
@@ -57,24 +58,27 @@ class IDXReader:
         else:
             self.name, self._raw = name or "<bytes>", source
         self.compressed = bool(compressed)
+        self.expected = expected or "an IDX file"
         self.file_size = self._raw.seek(0, io.SEEK_END)
+        self._raw.seek(max(0, self.file_size - 4))
+        self._isize = int.from_bytes(self._raw.read(4), "little")  # gzip's trailer: inflated size mod 2**32
         self._raw.seek(0)
         self._f = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
         try:
-            self._read_header(max_items, item_shape, dtype, expected)
+            self._read_header(max_items, item_shape, dtype)
         except BaseException:
             self.close()
             raise
 
-    def _read_header(self, max_items, item_shape, dtype, expected):
+    def _read_header(self, max_items, item_shape, dtype):
         head = self._read(4)
         if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _DTYPES:
-            raise IDXError(f"{self.name}: not an IDX file (expected magic bytes 00 00 <dtype code> <ndim>, "
-                           f"got {head.hex(' ') or 'an empty file'})")
+            raise IDXError(f"{self.name}: not an IDX file (magic bytes 00 00 <dtype code> <ndim> expected, "
+                           f"got {head.hex(' ') or 'an empty file'}); expected {self.expected}")
         self.dtype, ndim = np.dtype(_DTYPES[head[2]]), head[3]
         dims = self._read(4 * ndim)
         if ndim == 0 or len(dims) < 4 * ndim:
-            raise IDXError(f"{self.name}: IDX header truncated or without dimensions")
+            raise IDXError(f"{self.name}: IDX header truncated or without dimensions; expected {self.expected}")
         self.header_bytes = 4 + 4 * ndim
         self.shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
         # Every claim of the header is checked before anything is allocated: the layout first, then
@@ -82,7 +86,7 @@ class IDXReader:
         layout = f"{self.dtype.name} {list(self.shape) if ndim <= 8 else f'with {ndim} dimensions'}"
         wrong_shape = item_shape is not None and self.shape[1:] != tuple(item_shape)
         if wrong_shape or (dtype is not None and self.dtype != np.dtype(dtype)):
-            raise IDXError(f"{self.name}: header says {layout}; expected {expected or 'another shape'}")
+            raise IDXError(f"{self.name}: header says {layout}; expected {self.expected}")
         if ndim > MAX_NDIM:
             raise IDXError(f"{self.name}: header says {layout}; expected at most {MAX_NDIM} dimensions")
         self.item_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
@@ -93,10 +97,14 @@ class IDXReader:
                            f"the {max_items:,} expected here")
         if self.compressed and total > self.file_size * DEFLATE_MAX_RATIO:
             raise IDXError(f"{self.name}: header claims shape {self.shape} ({total:,} bytes), more than a "
-                           f"{self.file_size:,}-byte gzip file can inflate to: corrupted")
+                           f"{self.file_size:,}-byte gzip file can inflate to: corrupted; expected {self.expected}")
+        if self.compressed and total % 2 ** 32 != self._isize:
+            raise IDXError(f"{self.name}: header says shape {self.shape} ({total:,} bytes) but the gzip trailer "
+                           f"says {self._isize:,} bytes (mod 2**32): truncated, corrupted, or more data than its "
+                           f"header says; expected {self.expected}")
         if not self.compressed and total != self.file_size:
-            raise IDXError(f"{self.name}: header says shape {self.shape} ({total} bytes) but the file holds "
-                           f"{self.file_size} bytes: truncated or corrupted")
+            raise IDXError(f"{self.name}: header says shape {self.shape} ({total:,} bytes) but the file holds "
+                           f"{self.file_size:,} bytes: truncated or corrupted; expected {self.expected}")
         self._left = self.shape[0]
 
     def _read(self, n):
@@ -104,7 +112,7 @@ class IDXReader:
             return self._f.read(n)
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             raise IDXError(f"{self.name}: cannot read it as {'gzip' if self.compressed else 'a file'} "
-                           f"({e})") from None
+                           f"({' '.join(str(e).split())[:200]}); expected {self.expected}") from None
 
     def read(self, count=None):
         """The next `count` items (all that are left when None) as a native-byte-order array."""
@@ -116,10 +124,10 @@ class IDXReader:
                 got = self._f.readinto(view[done:done + _CHUNK])
             except (OSError, EOFError, zlib.error) as e:
                 raise IDXError(f"{self.name}: cannot read it as {'gzip' if self.compressed else 'a file'} "
-                               f"({e})") from None
+                               f"({' '.join(str(e).split())[:200]}); expected {self.expected}") from None
             if not got:
                 raise IDXError(f"{self.name}: header says shape {self.shape} but the data ends early: "
-                               f"truncated or corrupted")
+                               f"truncated or corrupted; expected {self.expected}")
             done += got
         self._left -= n
         array = buf.view(self.dtype).reshape(n, *self.shape[1:])
@@ -128,7 +136,8 @@ class IDXReader:
     def check_end(self):
         """IDXError when bytes follow the data the header describes."""
         if self._read(1):
-            raise IDXError(f"{self.name}: holds more data than its header's shape {self.shape}: corrupted")
+            raise IDXError(f"{self.name}: holds more data than its header's shape {self.shape}: corrupted; "
+                           f"expected {self.expected}")
 
     def close(self):
         if self._f is not self._raw:
@@ -147,14 +156,6 @@ def read_idx(path, max_items=None, item_shape=None, dtype=None, expected=None):
     claims more than `max_items` items or more bytes than the file can hold, or (when given) items
     of another shape than `item_shape` or another dtype than `dtype` (`expected` says what was wanted)."""
     with IDXReader(path, max_items=max_items, item_shape=item_shape, dtype=dtype, expected=expected) as reader:
-        array = reader.read()
-        reader.check_end()
-    return array
-
-
-def parse_idx(raw, name="<bytes>"):
-    """The array in an uncompressed IDX file's bytes."""
-    with IDXReader(io.BytesIO(raw), name=name, compressed=False) as reader:
         array = reader.read()
         reader.check_end()
     return array

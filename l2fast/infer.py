@@ -31,12 +31,12 @@ from . import _cli
 from .contract import sha256_file, to_model_input  # noqa: F401  (sha256_file: round-1 importers)
 from .errors import InputError, ModelError, UsageError  # noqa: F401  (re-exported for API users)
 from .inputs import BACKGROUNDS, DEFAULT_BATCH, FIT_THRESHOLD, FITS, FitWarning, iter_batches, load_image  # noqa: F401
-from .predictor import Prediction, Predictor, max_threads  # noqa: F401
+from .predictor import Prediction, Predictor, max_threads, softmax_argmax  # noqa: F401
 
 
 def build_parser():
     p = _cli.ArgumentParser(
-        prog="python -m l2fast.infer",
+        prog=_cli.prog("l2fast.infer", "l2fast-infer"),
         description="Classify 28x28 digits with an ONNX model exported by python -m l2fast.export, "
                     "using onnxruntime only (no torch).",
         epilog="Exit codes: 0 all predicted, 1 some inputs failed (others still printed), 2 usage or model error.")
@@ -55,9 +55,10 @@ def build_parser():
     p.add_argument("--invert", action="store_const", const="white", dest="background",
                    help="same as --background white")
     p.add_argument("--fit", choices=FITS, default="auto",
-                   help="how image files become 28x28: mnist = bounding box into 20x20 centered by mass; stretch = "
-                        "resize whole image; none = must already be 28x28; auto (default) = none for 28x28 "
-                        "images, else mnist")
+                   help="how image files become 28x28: mnist = bounding box into 20x20, centre of mass at (14, 14), "
+                        "as MNIST; stretch = resize whole image; none = must already be 28x28; auto (default) = none "
+                        "for a 28x28 image whose digit already sits as MNIST's do (box 16-20 px, centre of mass "
+                        "within 1 px of (14, 14)), else mnist")
     p.add_argument("--cpu", action="store_true", help="use the CPU provider even if CUDA is available")
     return p
 
@@ -67,11 +68,12 @@ class _Writer:
 
     def __init__(self, predictor, batch_size, top_k, as_json, out):
         self.predictor, self.batch_size, self.k, self.as_json, self.out = predictor, batch_size, top_k, as_json, out
-        self.images, self.keys = [], []  # float32 chunks; (input, index or None, warnings) per image
+        self.images, self.keys = [], []  # the model's input, in chunks; (input, index or None, warnings) per image
         self.count = 0
 
     def add(self, images, keys):
-        self.images.append(to_model_input(images))
+        """`images`: the model's input, float32 [n,1,28,28] in [0,1], as l2fast.inputs yields it."""
+        self.images.append(images)
         self.keys.extend(keys)
         self.count += len(keys)
         if self.count >= self.batch_size:
@@ -87,7 +89,8 @@ class _Writer:
         self.images, self.keys, self.count = [], [], 0
         labels = self.predictor.labels
         for i in range(0, len(x), self.batch_size):
-            top_c, top_p = self.predictor.predict(x[i:i + self.batch_size]).top_k(self.k)
+            logits = self.predictor.model_logits(x[i:i + self.batch_size])
+            top_c, top_p = Prediction(*softmax_argmax(logits)).top_k(self.k)
             lines = []
             for j in range(len(top_c)):
                 source, index, notes = keys[i + j]
@@ -135,8 +138,6 @@ def main(argv=None):
         raise UsageError(f"--top-k {args.top_k}: expected 1 or more")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: expected 1 or more")
-    if args.threads is not None and not 1 <= args.threads <= max_threads():
-        raise UsageError(f"--threads {args.threads}: expected 1..{max_threads()} (the CPUs this process may use)")
     predictor = Predictor(args.model, threads=args.threads,
                           providers=["CPUExecutionProvider"] if args.cpu else None)
     threads = f", {args.threads} intra-op threads" if args.threads else ""

@@ -3,9 +3,10 @@
 `iter_batches(path, ...)` yields `Batch(images, start)` chunks of at most `batch_size` images, so a
 file of any size goes through the model with bounded memory: .npy and IDX files are read chunk by
 chunk after their headers were checked against the file's real size (a gzipped IDX is inflated
-incrementally). `images` is uint8 [n,28,28] (0..255) or float32 [n,1,28,28] (0..1), white digit on
-black, what `l2fast.contract.to_model_input` takes. Problems raise InputError naming the file; a
-problem found while reading (a cut gzip stream) is raised after the chunks before it were yielded.
+incrementally, through `l2fast.idx.IDXReader`). `images` is the model's input, float32
+[n,1,28,28] in [0, 1] (`l2fast.contract.to_model_input`'s), white digit on black. Problems raise
+InputError naming the file; a problem found while reading (a cut gzip stream) is raised after the
+chunks before it were yielded.
 Only regular files are read (symlinks followed): a FIFO, a device or a folder is refused at once,
 never waited on.
 
@@ -20,30 +21,37 @@ MAX_IMAGE_PIXELS pixels is refused from its header, before anything is decoded:
      takes the image as is; `white` inverts it;
   3. size (`fit`): `mnist` crops the digit's bounding box (pixels above FIT_THRESHOLD after step 2),
      scales it with LANCZOS so its longer side is 20 px, aspect kept, and pastes it into a black
-     28x28 image with its center of mass at the center (MNIST's recipe); `stretch` resizes the
-     whole image to 28x28; `none` requires 28x28; `auto` (default): `none` for 28x28, else `mnist`.
+     28x28 image with its center of mass at pixel (14, 14) (MNIST's recipe); `stretch` resizes the
+     whole image to 28x28; `none` requires 28x28; `auto` (default): `none` for a 28x28 image whose
+     digit already sits as MNIST's do (`looks_like_mnist`), else `mnist`.
   A FitWarning (a UserWarning) says when the result looks wrong: no digit left, most of the image
   foreground (wrong polarity?), or a light border kept with `background="black"`.
 Arrays (.npy [N,28,28]/[N,1,28,28]/[28,28], uint8 or float in [0,1]; IDX uint8 [N,28,28]) are taken
 as MNIST-like; `background` applies per image the same way.
 """
-import contextlib
-import gzip
 import math
 import os
 import stat
 import warnings
-import zlib
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .contract import IMAGE_SIZE
+from .contract import EXPECTED_IMAGES, IMAGE_SIZE, check_images, to_model_input
 from .errors import InputError
+from .idx import IDXError, IDXReader
 
 FIT_BOX = 20  # MNIST: the digit's bounding box is scaled to fit 20x20, then centered in 28x28
 FIT_THRESHOLD = 64  # pixels above this (after polarity) belong to the digit; 64 ignores JPEG noise
+# Where MNIST puts a digit's centre of mass: within half a pixel of pixel (14, 14) (measured on the
+# bundled sample's 10,000 digits: 13.50..14.50 on both axes), not the image's middle, 13.5.
+MNIST_CENTER = 14.0
+# What `fit="auto"` takes as already fitted: a bounding box whose longer side is MNIST_BOX px (the
+# sample's: 16..20 at FIT_THRESHOLD, 20 for 99.85%), a centre of mass within MNIST_CENTER_SLACK px
+# of MNIST_CENTER on each axis (the sample's: within 0.5).
+MNIST_BOX = (16, FIT_BOX)
+MNIST_CENTER_SLACK = 1.0
 BACKGROUNDS = ("auto", "black", "white")
 FITS = ("auto", "mnist", "stretch", "none")
 DEFAULT_BATCH = 1024
@@ -57,8 +65,6 @@ _PIXELS = IMAGE_SIZE * IMAGE_SIZE
 _NPY_MAGIC = b"\x93NUMPY"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZIP_MAGIC = b"PK\x03\x04"
-_EXPECTED_ARRAY = "[N,28,28] or [N,1,28,28] images (or one [28,28]), uint8 0..255 or float 0..1"
-_EXPECTED_IDX = "expected an IDX image file, uint8 [N,28,28]"
 _KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
@@ -68,7 +74,7 @@ class FitWarning(UserWarning):
 
 
 class Batch(NamedTuple):
-    images: np.ndarray  # uint8 [n,28,28] or float32 [n,1,28,28] in [0,1], white digit on black
+    images: np.ndarray  # the model's input: float32 [n,1,28,28] in [0,1], white digit on black
     start: Optional[int]  # index of images[0] within the input; None for an image file (one image)
 
 
@@ -241,32 +247,56 @@ def decode_image(path):
     return gray
 
 
+def _box(mask):
+    """(top, bottom, left, right) of the True pixels of a 2-D mask, bounds inclusive; None when none."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return (rows[0], rows[-1], cols[0], cols[-1]) if len(rows) else None
+
+
+def center_of_mass(image):
+    """(row, column) of an image's centre of mass, its pixel values the weights; None when all are 0."""
+    weights = image.astype(np.float64)
+    total = weights.sum()
+    if not total > 0:
+        return None
+    return ((weights.sum(axis=1) * np.arange(weights.shape[0])).sum() / total,
+            (weights.sum(axis=0) * np.arange(weights.shape[1])).sum() / total)
+
+
+def looks_like_mnist(gray):
+    """True when a uint8 [28,28] white-on-black digit already sits as MNIST's do: its bounding box
+    (pixels above FIT_THRESHOLD) MNIST_BOX px on its longer side, its centre of mass within
+    MNIST_CENTER_SLACK px of MNIST_CENTER. An image with no digit counts as fitted: there is nothing to move."""
+    box = _box(gray > FIT_THRESHOLD)
+    if box is None:
+        return True
+    top, bottom, left, right = box
+    longer = max(bottom - top, right - left) + 1
+    cy, cx = center_of_mass(gray)
+    return (MNIST_BOX[0] <= longer <= MNIST_BOX[1] and abs(cy - MNIST_CENTER) <= MNIST_CENTER_SLACK
+            and abs(cx - MNIST_CENTER) <= MNIST_CENTER_SLACK)
+
+
 def fit_mnist(gray):
-    """uint8 [H,W] white-on-black -> uint8 [28,28]: bounding box into 20x20 (aspect kept), centered by mass."""
+    """uint8 [H,W] white-on-black -> uint8 [28,28]: bounding box into 20x20 (aspect kept), centre of mass
+    at MNIST's (14, 14)."""
     from PIL import Image
 
-    mask = gray > FIT_THRESHOLD
-    if not mask.any():
+    box = _box(gray > FIT_THRESHOLD)
+    if box is None:
         return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    top, bottom, left, right = box
+    crop = gray[top:bottom + 1, left:right + 1]
     h, w = crop.shape
     scale = FIT_BOX / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     small = np.asarray(Image.fromarray(crop).resize((nw, nh), Image.Resampling.LANCZOS), dtype=np.uint8)
-    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float64)
-    weights = small.astype(np.float64)
-    total = weights.sum()
-    if total > 0:
-        cy = (weights.sum(axis=1) * np.arange(nh)).sum() / total
-        cx = (weights.sum(axis=0) * np.arange(nw)).sum() / total
-    else:
-        cy, cx = (nh - 1) / 2, (nw - 1) / 2
-    center = (IMAGE_SIZE - 1) / 2
-    top = int(np.clip(round(center - cy), 0, IMAGE_SIZE - nh))
-    left = int(np.clip(round(center - cx), 0, IMAGE_SIZE - nw))
-    canvas[top:top + nh, left:left + nw] = weights
-    return canvas.astype(np.uint8)
+    cy, cx = center_of_mass(small) or ((nh - 1) / 2, (nw - 1) / 2)
+    top = int(np.clip(round(MNIST_CENTER - cy), 0, IMAGE_SIZE - nh))
+    left = int(np.clip(round(MNIST_CENTER - cx), 0, IMAGE_SIZE - nw))
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    canvas[top:top + nh, left:left + nw] = small
+    return canvas
 
 
 def load_image(path, background="auto", fit="auto"):
@@ -292,7 +322,7 @@ def load_image(path, background="auto", fit="auto"):
         warnings.warn(f"{path}: {mask.mean():.0%} of the image is foreground after polarity (MNIST digits cover "
                       f"about 20%): wrong --background?", FitWarning, stacklevel=2)
     if fit == "auto":
-        fit = "none" if gray.shape == (IMAGE_SIZE, IMAGE_SIZE) else "mnist"
+        fit = "none" if gray.shape == (IMAGE_SIZE, IMAGE_SIZE) and looks_like_mnist(gray) else "mnist"
     if fit == "mnist":
         return fit_mnist(gray)
     if fit == "stretch":
@@ -309,32 +339,13 @@ def load_image(path, background="auto", fit="auto"):
 
 # ------------------------------------------------------------------------------------ arrays
 
-def _check_array_header(name, shape, dtype):
-    """Images per item and the per-chunk conversion for a claimed (shape, dtype); raises InputError."""
-    if dtype.hasobject:
-        raise InputError(f"{name}: an array of Python objects, expected {_EXPECTED_ARRAY}")
-    ok = shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE) and (len(shape) in (2, 3) or (len(shape) == 4 and shape[1] == 1))
-    if not ok:
-        raise InputError(f"{name}: shape {list(shape)} {dtype}, expected {_EXPECTED_ARRAY}")
-    if dtype.kind == "f" and dtype.itemsize in (2, 4, 8):
-        return
-    if dtype != np.uint8:
-        raise InputError(f"{name}: dtype {dtype} (shape {list(shape)}), expected {_EXPECTED_ARRAY}")
-
-
-def _chunk_to_images(raw, dtype, name, start):
-    """A chunk read from an array file -> uint8 [n,28,28] or float32 [n,1,28,28] in [0,1]."""
-    if dtype == np.uint8:
-        return raw.reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
-    x = raw.astype(np.float32).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    lo, hi = (x.min(), x.max()) if x.size else (0.0, 0.0)
-    if not (lo >= 0.0 and hi <= 1.0):
-        finite = np.isfinite(x)
-        lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (float("nan"),) * 2
-        where = f" (images {start}..{start + len(x) - 1})" if start else ""
-        raise InputError(f"{name}: float values span [{lo:g}, {hi:g}]{' with NaN/inf' if not finite.all() else ''}"
-                         f"{where}, expected {_EXPECTED_ARRAY}")
-    return x
+def _images(raw, name, start, background):
+    """A chunk read from an array or IDX file, `raw` [n, 28, 28] uint8 or float, -> the model's input,
+    float32 [n, 1, 28, 28] in [0, 1], white digit on black (polarity after the range check)."""
+    if raw.dtype == np.uint8:
+        return to_model_input(apply_background(raw, background))
+    where = f"{name} (images {start}..{start + len(raw) - 1})" if start else name
+    return apply_background(to_model_input(raw, where), background)
 
 
 def _npy_batches(f, name, batch_size, background):
@@ -349,7 +360,9 @@ def _npy_batches(f, name, batch_size, background):
     except (ValueError, OSError, EOFError, SyntaxError) as e:
         raise InputError(f"{name}: not a readable .npy array ({' '.join(str(e).split())[:200]}); "
                          f"expected one array saved with numpy.save") from None
-    _check_array_header(name, shape, dtype)
+    if dtype.hasobject:
+        raise InputError(f"{name}: an array of Python objects, expected {EXPECTED_IMAGES}")
+    check_images(shape, dtype, name)
     offset = f.tell()
     count = math.prod(shape) // _PIXELS  # Python ints: a claimed (2**60 + 1, 28, 28) cannot wrap around
     claimed = count * _PIXELS * dtype.itemsize
@@ -358,72 +371,34 @@ def _npy_batches(f, name, batch_size, background):
         raise InputError(f"{name}: its header claims shape {list(shape)} {dtype} ({claimed:,} bytes) but the file "
                          f"holds {actual:,} bytes after the header: truncated or corrupted; expected one array "
                          f"saved with numpy.save")
-    native = dtype.newbyteorder("=")
     if fortran and count:
         # An image is not contiguous in a Fortran-order file (one [28,28] image is stored transposed):
         # map the file and copy chunk by chunk into C order.
         mm = np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape, order="F")
         images = mm[None] if len(shape) == 2 else mm[:, 0] if len(shape) == 4 else mm
         for start in range(0, count, batch_size):
-            raw = np.ascontiguousarray(images[start:start + batch_size]).astype(native, copy=False)
-            yield Batch(apply_background(_chunk_to_images(raw, native, name, start), background), start)
+            yield Batch(_images(np.ascontiguousarray(images[start:start + batch_size]), name, start, background), start)
         return
     for start in range(0, count, batch_size):
         n = min(batch_size, count - start)
         raw = np.fromfile(f, dtype=dtype, count=n * _PIXELS)
         if raw.size != n * _PIXELS:
             raise InputError(f"{name}: ended at image {start + raw.size // _PIXELS} of {count}: truncated while read")
-        raw = raw.astype(native, copy=False)
-        yield Batch(apply_background(_chunk_to_images(raw, native, name, start), background), start)
+        yield Batch(_images(raw.reshape(n, IMAGE_SIZE, IMAGE_SIZE), name, start, background), start)
 
 
-def _read_exact(f, n, name, what):
-    data = f.read(n)
-    if len(data) != n:
-        raise InputError(f"{name}: {what} cut short ({len(data)} of {n} bytes): truncated; {_EXPECTED_IDX}")
-    return data
-
-
-def _idx_batches(raw, name, batch_size, background):
-    gz = raw.read(2) == _GZIP_MAGIC
-    size = os.fstat(raw.fileno()).st_size
-    if gz:
-        raw.seek(max(0, size - 4))
-        isize = int.from_bytes(raw.read(4), "little")  # gzip trailer: inflated size mod 2**32
-    raw.seek(0)
-    with gzip.GzipFile(fileobj=raw, mode="rb") if gz else contextlib.nullcontext(raw) as f:
-        try:
-            head = f.read(4)
-            if len(head) < 4 or head[:2] != b"\0\0":
-                raise InputError(f"{name}: not an IDX file (expected magic bytes 00 00 <dtype code> <ndim>, got "
-                                 f"{head.hex(' ') or 'an empty file'}); {_EXPECTED_IDX}")
-            code, ndim = head[2], head[3]
-            shape = tuple(int(d) for d in np.frombuffer(_read_exact(f, 4 * ndim, name, "IDX header"), ">u4"))
-            dtype = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32",
-                     0x0E: "float64"}.get(code, f"code 0x{code:02x}")
-            if code != 0x08 or len(shape) != 3 or shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-                raise InputError(f"{name}: shape {list(shape)} {dtype}; {_EXPECTED_IDX}")
-            count = shape[0]
-            claimed = 4 + 4 * ndim + count * _PIXELS
-            if not gz and size != claimed:
-                raise InputError(f"{name}: header says shape {shape} ({claimed:,} bytes) but the file holds "
-                                 f"{size:,} bytes: truncated or corrupted; {_EXPECTED_IDX}")
-            if gz and isize != claimed % 2 ** 32:
-                raise InputError(f"{name}: header says shape {shape} ({claimed:,} bytes) but the gzip trailer "
-                                 f"says {isize:,} bytes (mod 2**32): truncated or corrupted; {_EXPECTED_IDX}")
-            for start in range(0, count, batch_size):
-                n = min(batch_size, count - start)
-                data = f.read(n * _PIXELS)
-                if len(data) != n * _PIXELS:
-                    raise InputError(f"{name}: data ended at image {start + len(data) // _PIXELS} of {count}: "
-                                     f"truncated; {_EXPECTED_IDX}")
-                images = np.frombuffer(data, np.uint8).reshape(n, IMAGE_SIZE, IMAGE_SIZE)
-                yield Batch(apply_background(images, background), start)
-            if f.read(1):
-                raise InputError(f"{name}: holds more data than its header's {count} images; {_EXPECTED_IDX}")
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise InputError(f"{name}: cannot decompress it as gzip ({' '.join(str(e).split())[:200]}); "
-                             f"expected a gzipped IDX image file") from None
+def _idx_batches(f, name, batch_size, background):
+    """The images of an IDX file (gzipped or not) read through l2fast.idx.IDXReader, its errors InputErrors."""
+    compressed = f.read(2) == _GZIP_MAGIC
+    f.seek(0)
+    try:
+        with IDXReader(f, name=name, compressed=compressed, item_shape=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8,
+                       expected="an IDX image file, uint8 [N,28,28]") as reader:
+            for start in range(0, reader.shape[0], batch_size):
+                yield Batch(_images(reader.read(batch_size), name, start, background), start)
+            reader.check_end()
+    except IDXError as e:
+        raise InputError(str(e)) from None
 
 
 def iter_batches(path, background="auto", fit="auto", batch_size=DEFAULT_BATCH):
@@ -450,4 +425,4 @@ def iter_batches(path, background="auto", fit="auto", batch_size=DEFAULT_BATCH):
             except OSError as e:
                 raise InputError(f"{name}: cannot read it ({e.strerror or e})") from None
             return
-    yield Batch(load_image(path, background, fit)[None], None)
+    yield Batch(to_model_input(load_image(path, background, fit)), None)

@@ -19,9 +19,9 @@ import os
 
 import torch
 
+from .choices import PARALLEL_KINDS
 from .errors import L2fastError, UsageError, describe
 
-PARALLEL_KINDS = ("ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting longer than this fails instead of hanging
 

@@ -133,11 +133,15 @@ class Predictor:
         Raises InputError for images that are not a batch of 28x28 digits, ModelError when
         onnxruntime fails to run the model.
         """
-        x = to_model_input(images)
+        return self.model_logits(to_model_input(images))
+
+    def model_logits(self, x):
+        """float32 logits [N, C] for `x`, the model's input as `to_model_input` returns it (float32
+        [N, 1, 28, 28] in [0, 1], not checked again). Raises ModelError when onnxruntime fails."""
         if self._fixed_batch is not None and len(x) != self._fixed_batch:
             if self._fixed_batch != 1:
                 raise ModelError(f"{self.path}: fixed batch size {self._fixed_batch}, got {len(x)} images")
-            return np.concatenate([self.logits(x[i:i + 1]) for i in range(len(x))])
+            return np.concatenate([self.model_logits(x[i:i + 1]) for i in range(len(x))])
         try:
             return self._run(self._outputs, {self.input_name: x})[0]
         except self._run_errors as e:

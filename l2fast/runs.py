@@ -10,10 +10,11 @@ import re
 import sys
 from pathlib import Path
 
-from ._io import (atomic_path, atomic_write_bytes, atomic_write_text, check_creatable, create_run_folder,
+from ._io import (atomic_write_bytes, atomic_write_text, check_creatable, create_run_folder,
                   create_unique_folder, free_bytes, open_stream, resolve_target, rewrite_in_place, signals_held,
                   write_error)
 from .errors import DivergedError, L2fastError, OutputError, describe
+from .lossplot import plot_losses  # noqa: F401  (loss.png, the run folder's plot)
 
 RUN_FILES = ("model.pt", "metrics.jsonl", "summary.json", "loss.png")
 
@@ -127,25 +128,6 @@ def failure_reason(e):
     if isinstance(e, (L2fastError, OSError)):
         return " ".join(describe(e).split())
     return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-
-
-def plot_losses(path, history):
-    """Data loss and L2 loss per global step, log y scale."""
-    from matplotlib.figure import Figure
-
-    steps = range(1, len(history) + 1)
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    for column, label in ((1, "data loss (cross entropy)"), (2, "L2 loss (weight * sum p^2)")):
-        values = [row[column] if row[column] > 0 else float("nan") for row in history]
-        ax.plot(steps, values, label=label, linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
 
 
 def prepare_outputs(out, metrics, overwrite, need_bytes=0):

@@ -36,19 +36,19 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from . import _cli, checkpoint, engine, parallel
+from . import _cli
+from .choices import ADAMW_IMPLS, PARALLEL_KINDS, PENALTIES
 from .runs import (RUN_FILES, MetricsWriter, failure_reason, plot_losses, prepare_outputs, recorded,  # noqa: F401
                    write_summary)
 from .data import DATASETS, download, load_dataset
 from .errors import DivergedError, L2fastError, UsageError
-from .model import MLP
+
+# Imported on first use: parsing the command line (and --help) imports no torch.
+torch, checkpoint, engine, parallel = map(_cli.LazyModule, ("torch", "l2fast.checkpoint", "l2fast.engine",
+                                                             "l2fast.parallel"))
 
 DEFAULT_L2_WEIGHT = 1e-4
 SEED_L2_WEIGHT = 1.0
-PENALTIES = engine.PENALTIES
-ADAMW_IMPLS = engine.ADAMW_IMPLS
 LOG_LINE = "Loss after mini-batch %5d: %.5f (of which %.5f l2 loss)"  # the notebook's
 NOTEBOOK_LOG_EVERY = 500
 SHORT_EPOCH_LOG_EVERY = 25
@@ -110,8 +110,8 @@ class TrainConfig:
         if self.cuda_graphs and self.compile:
             raise UsageError("--cuda-graphs and --compile are alternatives: choose one")
         if self.parallel is not None:
-            if self.parallel not in parallel.PARALLEL_KINDS:
-                raise UsageError(f"--parallel {self.parallel}: expected one of {', '.join(parallel.PARALLEL_KINDS)}")
+            if self.parallel not in PARALLEL_KINDS:
+                raise UsageError(f"--parallel {self.parallel}: expected one of {', '.join(PARALLEL_KINDS)}")
             for name in ("cuda_graphs", "compile"):
                 if getattr(self, name):
                     raise UsageError(f"--{_opt(name)} is not supported with --parallel; drop one of them")
@@ -133,7 +133,7 @@ def _opt(name):
 def build_parser():
     d = TrainConfig()
     p = _cli.ArgumentParser(
-        prog="python -m l2fast.train",
+        prog=_cli.prog("l2fast.train", "l2fast-train"),
         description="Train the seed notebook's MNIST MLP with an L2 penalty over all parameters.")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set (default 5)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size (default 64)")
@@ -178,7 +178,7 @@ def build_parser():
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step's forward and loss (its backward is compiled with it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (shown only on a terminal anyway)")
-    p.add_argument("--parallel", choices=parallel.PARALLEL_KINDS, default=d.parallel,
+    p.add_argument("--parallel", choices=PARALLEL_KINDS, default=d.parallel,
                    help="data parallel under torchrun (torchrun --standalone --nproc_per_node=N -m l2fast.train "
                         "--parallel ddp|fsdp): DDP or FSDP2 (fully_shard), gloo on CPU, NCCL on CUDA; the global "
                         "batch stays --batch-size, split evenly over the ranks; rank 0 prints and writes")
@@ -348,19 +348,22 @@ def _load(config):
 def _output_bytes():
     """About what the run folder's files take: the checkpoint's 4 bytes a parameter, and room for the
     metrics, summary.json and loss.png."""
+    from .model import MLP
+
     with torch.device("meta"):
         return 4 * sum(p.numel() for p in MLP().parameters()) + OUTPUT_MARGIN
 
 
 def _train(config, ctx):
+    from .model import MLP
+
     wall_start = time.perf_counter()
-    agree = ctx.agree if ctx else (lambda fn, *args, main_only=False: fn(*args))
-    ctx = ctx or parallel.Context()
-    device = agree(_setup, config, ctx if ctx.kind else None)
-    agree(_download, config, main_only=True)  # one rank downloads; the others then read its files
-    data, steps_per_epoch, total_steps = agree(_load, config)
-    out, metrics_path = agree(prepare_outputs, config.out, config.metrics, config.overwrite, _output_bytes(),
-                              main_only=True) or (None, None)
+    ctx = ctx or parallel.Context()  # one process: agree() just calls
+    device = ctx.agree(_setup, config, ctx if ctx.kind else None)
+    ctx.agree(_download, config, main_only=True)  # one rank downloads; the others then read its files
+    data, steps_per_epoch, total_steps = ctx.agree(_load, config)
+    out, metrics_path = ctx.agree(prepare_outputs, config.out, config.metrics, config.overwrite, _output_bytes(),
+                                  main_only=True) or (None, None)
     if ctx.is_main:
         config.out, config.metrics = str(out), str(metrics_path)
     print(f"dataset: {data.name} ({data.source})", flush=True)
@@ -409,7 +412,7 @@ def _train(config, ctx):
         checkpoint.save(out / checkpoint.CHECKPOINT_FILE, trained, config.plain(),
                         {"name": data.name, "data_dir": str(config.data_dir)})
         run.checkpoint = checkpoint.CHECKPOINT_FILE
-        plot_losses(out / "loss.png", history)
+        plot_losses(out / "loss.png", history, run.records, summary, steps_per_epoch)
         write_summary(out, summary)
         run.finished = True
     print(f"test accuracy {100 * test_accuracy:.2f}%, test loss {test_loss:.5f}; {run.steps_done} steps in "
@@ -437,11 +440,13 @@ def run_epochs(run, step, model, shuffle, history, train_x, test_x, test_y, step
         seconds, logged = run_epoch(step, perm, n_steps, batch, epoch, config.log_every, history,
                                     run.steps_done, not config.no_progress and ctx.is_main, reduce_rows)
         test_loss, test_accuracy = engine.evaluate(eval_model, test_x, test_y)
+        sq_norm = engine.param_sq_norm(model)  # for loss.png: what the L2 term penalises, even at weight 0
         samples_per_second = min(n_steps * batch, n_train) / seconds
         print(f"Epoch {epoch}: test loss {test_loss:.5f}, test accuracy {100 * test_accuracy:.2f}% "
               f"({len(test_x):,} images); {seconds:.2f} s, {samples_per_second:,.0f} samples/s", flush=True)
         run.records += logged + [{"epoch": epoch, "test_loss": test_loss, "test_accuracy": test_accuracy,
-                                  "epoch_seconds": seconds, "samples_per_second": samples_per_second}]
+                                  "epoch_seconds": seconds, "samples_per_second": samples_per_second,
+                                  "param_sq_norm": sq_norm}]
         run.epochs_done, run.steps_done = epoch, run.steps_done + n_steps
         train_seconds += seconds
         run.status("running", total_steps=total_steps, checkpoint=None)

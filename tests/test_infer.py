@@ -239,10 +239,10 @@ def test_large_photo_like_images_are_fitted_like_mnist(onnx_path, sample, tmp_pa
         w = f.astype(np.float64)
         cy = (w.sum(1) * np.arange(28)).sum() / w.sum()
         cx = (w.sum(0) * np.arange(28)).sum() / w.sum()
-        assert abs(cy - 13.5) < 1.5 and abs(cx - 13.5) < 1.5
+        assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5  # where MNIST puts it
     p = infer.Predictor(onnx_path)
     agree = (p.predict(fitted).classes == p.predict(imgs).classes).mean()
-    assert agree >= 0.75, agree
+    assert agree >= 0.95, agree  # 40 of 40 (38 while the fit centred the mass at 13.5)
 
 
 def test_fit_modes(tmp_path):
@@ -261,10 +261,11 @@ def test_fit_modes(tmp_path):
     blank = np.zeros((50, 50), np.uint8)
     Image.fromarray(blank).save(tmp_path / "blank.png")
     assert not infer.load_image(tmp_path / "blank.png").any()
-    # a 28x28 image is used as is under --fit auto
+    # any 28x28 image is used as is under --fit none (auto keeps only what looks like MNIST, below)
     exact = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     Image.fromarray(exact).save(tmp_path / "exact.png")
-    assert np.array_equal(infer.load_image(tmp_path / "exact.png", background="black"), exact)
+    with pytest.warns(infer.FitWarning):
+        assert np.array_equal(infer.load_image(tmp_path / "exact.png", background="black", fit="none"), exact)
 
 
 def test_transparent_png_is_flattened_onto_white(onnx_path, sample, tmp_path):
@@ -299,7 +300,7 @@ def _bad_inputs(tmp_path, sample):
     (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
     bad["broken.npy"] = "not a readable .npy"
     write_idx(tmp_path / "labels-idx1-ubyte", sample.test_labels[:10].astype(np.uint8))
-    bad["labels-idx1-ubyte"] = "shape [10]"
+    bad["labels-idx1-ubyte"] = "header says uint8 [10]"
     write_idx(tmp_path / "whole-idx3-ubyte", sample.test_images[:4])
     (tmp_path / "cut-idx3-ubyte").write_bytes((tmp_path / "whole-idx3-ubyte").read_bytes()[:-100])
     bad["cut-idx3-ubyte"] = "truncated"
@@ -367,7 +368,7 @@ def test_bad_models_are_usage_errors(onnx_path, inputs, tmp_path, capsys):
 
 def test_usage_errors(onnx_path, inputs, capsys):
     for extra, needle in ((["--top-k", "0"], "--top-k 0"), (["--batch-size", "0"], "--batch-size 0"),
-                          (["--threads", "0"], "--threads 0")):
+                          (["--threads", "0"], "threads=0")):
         rc, out, err = run_infer([str(onnx_path), str(inputs / "d0.png"), *extra], capsys)
         assert rc == 2 and needle in err and out == ""
     rc, out, err = run_infer([str(onnx_path)], capsys)  # argparse: no inputs, one line too
@@ -556,7 +557,8 @@ def test_cut_gzip_idx_is_named_and_the_others_answered(onnx_path, inputs, capsys
 def test_threads_out_of_range_is_one_line_not_a_hang(onnx_path, inputs):
     r = run_py(["-m", "l2fast.infer", str(onnx_path), "d0.png", "--threads", "100000"], cwd=inputs, timeout=60)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: --threads 100000: expected 1..")
+    # checked once, by the Predictor, before the model is read
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: threads=100000: expected 1..")
     with pytest.raises(infer.UsageError, match="threads=100000"):
         infer.Predictor(onnx_path, threads=100000)
 
@@ -740,3 +742,114 @@ def test_fifo_and_devices_as_inputs_are_refused_not_waited_on(onnx_path, inputs)
     assert errors[0].startswith("error: f.png: is a FIFO") and "expected a regular file" in errors[0], errors
     assert errors[1].startswith("error: /dev/zero: is a character device"), errors
     assert [line.split(":")[0] for line in r.stdout.splitlines()] == [f"u8.npy[{i}]" for i in range(8)]
+
+
+# ----------------------------------------------------------------------------- digits drawn by hand (issue 20)
+
+def _font(size):
+    """A TrueType font of `size` px: DejaVu Sans where the machine has it, else Pillow's default
+    font scaled (Pillow >= 10.1 ships a scalable one)."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def _drawn(size, strokes=(), width=3, text=None, font_size=None, at=None):
+    """A white-on-black uint8 [size, size] digit: polylines of `width` px, or `text` in a font,
+    centred on its bounding box (as a drawing program would) unless placed `at` (x, y)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(im)
+    for line in strokes:
+        draw.line([(x * size, y * size) for x, y in line], fill=255, width=width, joint="curve")
+    if text is not None:
+        font = _font(font_size)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        xy = at or ((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top)
+        draw.text(xy, text, fill=255, font=font)
+    return np.asarray(im)
+
+
+SEVEN = [[(0.11, 0.14), (0.86, 0.14), (0.39, 0.89)]]
+ONE = [[(0.40, 0.25), (0.55, 0.12), (0.55, 0.88)]]
+
+
+def drawn_digits():
+    """name -> (uint8 image, its digit): digits as a user draws them, not as MNIST stores them."""
+    from PIL import Image, ImageDraw
+
+    zero = Image.new("L", (28, 28), 0)
+    ImageDraw.Draw(zero).ellipse([5.6, 2.2, 22.4, 25.8], outline=255, width=3)
+    small = np.zeros((28, 28), np.uint8)
+    small[:14, :14] = _drawn(14, SEVEN, width=2)  # a small 7 in the top-left corner
+    return {
+        "7, 3-px strokes, full frame": (_drawn(28, SEVEN, 3), 7),
+        "7, 1-px strokes": (_drawn(28, SEVEN, 1), 7),
+        "7, 5-px strokes": (_drawn(28, SEVEN, 5), 7),
+        "7, small, off-centre": (small, 7),
+        "1, 3-px strokes": (_drawn(28, ONE, 3), 1),
+        "0, 3-px strokes": (np.asarray(zero), 0),
+        "7, font": (_drawn(28, text="7", font_size=30), 7),
+        "2, font": (_drawn(28, text="2", font_size=30), 2),
+        "3, font": (_drawn(28, text="3", font_size=30), 3),
+        "7, 280 px, 30-px strokes": (_drawn(280, SEVEN, 30), 7),
+    }
+
+
+def test_digits_drawn_by_hand_are_fitted_by_auto_and_predicted_right(onnx_path, tmp_path, capsys):
+    """A drawn 28x28 digit fills the frame or sits off-centre, unlike MNIST's 20x20 box centred by
+    mass: `--fit auto` used to take every 28x28 image as it was (a 3-px '7' came out as 2)."""
+    from PIL import Image
+
+    digits = drawn_digits()
+    names, labels = [], []
+    for i, (name, (image, label)) in enumerate(digits.items()):
+        names.append(str(tmp_path / f"drawn{i}.png"))
+        labels.append(label)
+        Image.fromarray(image).save(names[-1])
+    rc, out, err = run_infer([str(onnx_path), *names, "--json"], capsys)  # --fit auto: the default
+    assert rc == 0 and "warning" not in err, err
+    got = [json.loads(line)["class"] for line in out.splitlines()]
+    assert got == labels, dict(zip(digits, got))
+    # As they are, most of the 28x28 ones are misread: the fit is what gets them right.
+    rc, out, _ = run_infer([str(onnx_path), *names[:-1], "--json", "--fit", "none"], capsys)
+    as_drawn = [json.loads(line)["class"] for line in out.splitlines()]
+    assert sum(a != b for a, b in zip(as_drawn, labels)) >= 5, as_drawn
+    for path in names:  # auto and mnist agree on every one of them
+        assert np.array_equal(infer.load_image(path), infer.load_image(path, fit="mnist")), path
+
+
+def test_mnist_digits_are_left_as_they_are_by_auto(onnx_path, sample, tmp_path):
+    """The bundled sample's digits already sit as MNIST's do: `--fit auto` keeps every one of them."""
+    from PIL import Image
+
+    from l2fast.inputs import looks_like_mnist
+
+    images = np.concatenate([sample.train_images, sample.test_images])
+    assert all(looks_like_mnist(image) for image in images)
+    for i, image in enumerate(sample.test_images[:50]):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        assert np.array_equal(infer.load_image(tmp_path / f"{i}.png"), image)
+    for image, _ in drawn_digits().values():
+        if image.shape == (28, 28):
+            assert not looks_like_mnist(image)
+
+
+def test_mnist_fit_centres_the_mass_where_mnist_does(onnx_path, sample):
+    """MNIST's digits have their centre of mass within half a pixel of (14, 14); the fit put it at
+    (13.5, 13.5), and 10% of the bundled test digits, fitted again, changed their prediction."""
+    from l2fast.inputs import fit_mnist
+
+    images = sample.test_images
+    fitted = np.stack([fit_mnist(image) for image in images])
+    w = fitted.astype(np.float64)
+    cy = (w.sum(2) * np.arange(28)).sum(1) / w.sum((1, 2))
+    cx = (w.sum(1) * np.arange(28)).sum(1) / w.sum((1, 2))
+    assert np.abs(cy - 14).max() <= 0.5 and np.abs(cx - 14).max() <= 0.5
+    p = infer.Predictor(onnx_path)
+    changed = (p.predict(fitted).classes != p.predict(images).classes).mean()
+    assert changed <= 0.01, changed

@@ -179,3 +179,53 @@ def test_budget_skips_what_would_not_fit(tmp_path):
     assert results["injected quick"]["status"] == "pass"
     slow_row = results["injected slow"]
     assert slow_row["status"] == "skip" and "--budget 60" in slow_row["detail"] and "10000 s" in slow_row["detail"]
+
+
+def _report_of(results, versions=None):
+    """A report dict as l2fast.selftest writes it, for the given Results."""
+    from l2fast.selftest import report as rep
+
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    return {"tool": rep.TOOL, "complete": True, "device": {"requested": "auto", "tested": ["cpu"],
+                                                          "cuda_skipped": "no GPU"},
+            "versions": versions or {"torch": "2.x"}, "quick": True, "seconds": 1.0, "summary": counts,
+            "checks": [r.as_dict() for r in results]}
+
+
+def test_skips_for_one_reason_are_one_line_in_the_table_and_the_report():
+    """41 rows of `no CUDA device here` made report.md 91 lines long."""
+    from l2fast.selftest import report as rep
+
+    def ok(ctx):
+        return "worst error 0.50 of tolerance"
+
+    checks = [Check("cpu a", ok)] + [Check(f"cuda {n}", ok, "cuda") for n in ("a", "b", "c")] + [
+        Check("cpu b", ok), Check("cuda d", ok, "cuda")]
+    ctx = Context(stream=io.StringIO(), unavailable={"cuda": "no GPU"})
+    results = run_checks(checks, ctx)
+    assert [r.status for r in results] == ["pass", "skip", "skip", "skip", "pass", "skip"]  # each one recorded
+    rows = [line for line in ctx.stream.getvalue().splitlines() if line.startswith(("pass", "skip"))]
+    assert len(rows) == 4, rows  # the three cuda skips in a row are one line; the last one alone
+    assert "3 cuda checks" in rows[1] and "no GPU" in rows[1] and "cuda d" in rows[3]
+    md = rep.as_markdown(_report_of(results))
+    grouped = [line for line in md.splitlines() if line.startswith("| skip")]
+    assert len(grouped) == 2 and "cuda a, cuda b, cuda c" in grouped[0] and "no GPU" in grouped[0], grouped
+
+
+def test_the_report_says_what_a_tolerance_is_and_formats_the_build():
+    """Passing rows said `worst error 1.00 of tolerance`, never explained; the build row was a raw dict."""
+    from l2fast.selftest import report as rep
+    from l2fast.selftest.runner import Result
+
+    build = {"torch_version": "2.14.1+cu130", "cuda": True, "cuda_version": "13.0", "cuda_arch_list": "9.0+PTX",
+             "cpu_capability": "AVX2"}
+    md = rep.as_markdown(_report_of([Result("cpu float16 accumulate", "pass", "worst error 1.00 of tolerance", 1.0)],
+                                    versions={"torch": "2.14.1+cu130", "build": build}))
+    assert "{'" not in md and "'cuda'" not in md
+    assert "| build | for torch 2.14.1+cu130; CPU kernels: AVX2; CUDA 13.0 kernels for 9.0+PTX |" in md, md
+    reading = md.split("## How to read this", 1)[1].split("##", 1)[0]
+    for needle in ("float64 reference", "half an ulp", "1.00 or less passes", "float16 and bfloat16"):
+        assert needle in reading, needle
+    stream = io.StringIO()
+    run_checks([], Context(stream=stream))
+    assert "tolerance" in stream.getvalue().splitlines()[0]  # the console table says it too, above its header

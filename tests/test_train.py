@@ -87,7 +87,8 @@ def test_one_epoch_end_to_end(tmp_path):
         assert r["loss"] == pytest.approx(r["data_loss"] + r["l2_loss"], rel=1e-6)
     assert steps[-1]["data_loss"] < steps[0]["data_loss"] - 0.1  # the loss falls
     (epoch,) = [r for r in records if "test_accuracy" in r]
-    assert set(epoch) == {"epoch", "test_loss", "test_accuracy", "epoch_seconds", "samples_per_second"}
+    assert set(epoch) == {"epoch", "test_loss", "test_accuracy", "epoch_seconds", "samples_per_second",
+                          "param_sq_norm"}
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] == epoch["test_accuracy"] > 0.3  # chance is 0.1
@@ -176,6 +177,62 @@ def test_max_steps_partial_epoch_and_metrics_path(tmp_path):
     assert summary["steps"] == 130 and summary["epochs"] == 2
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
     assert "Starting epoch 2" in buf.getvalue() and "Starting epoch 3" not in buf.getvalue()
+
+
+def _plotted_run(tmp_path, monkeypatch, *args):
+    """A run in-process, with what it drew loss.png from: (summary, metrics records, loss.png's Figure)."""
+    from l2fast import lossplot
+
+    drawn = []
+
+    def plot(path, *rest):
+        drawn.append(rest)
+        lossplot.plot_losses(path, *rest)
+
+    monkeypatch.setattr(T, "plot_losses", plot)
+    summary, records, _ = train_in_process(tmp_path / str(len(list(tmp_path.iterdir()))), *args)
+    (rest,) = drawn
+    return summary, records, lossplot.figure(*rest)
+
+
+def _texts(fig):
+    texts = [fig.get_suptitle(), fig.get_supxlabel()]
+    for ax in fig.axes:
+        texts += [ax.get_title(), ax.get_ylabel(), *(t.get_text() for t in ax.texts)]
+        if ax.get_legend():
+            texts += [t.get_text() for t in ax.get_legend().get_texts()]
+    return "\n".join(texts)
+
+
+def test_loss_png_shows_the_settings_the_test_set_and_the_weights(tmp_path, monkeypatch):
+    """loss.png was two log-scale lines: a rising L2 loss and nothing saying why."""
+    summary, records, fig = _plotted_run(tmp_path, monkeypatch, "--epochs", "2", "--penalty", "reference")
+    epochs = [r for r in records if "test_accuracy" in r]
+    assert epochs[-1]["param_sq_norm"] == summary["param_sq_norm"]  # the trained model's, measured at its end
+    text = _texts(fig)
+    for needle in ("sample (8,000 train / 2,000 test images)", "L2 weight 0.0001", "lr 0.0001",
+                   "weight decay 0.01", "total loss (data + L2)", "test loss (each epoch's end)",
+                   f"test accuracy {100 * summary['test_accuracy']:.2f}%", "Σ‖p‖² = L2 loss / L2 weight, per step",
+                   "Σ‖p‖² grew from 35.75 at step 1 to", "holds that growth back"):
+        assert needle in text, needle
+    top, middle, bottom = fig.axes[:3]
+    accuracy = middle.get_lines()[0].get_ydata()
+    np.testing.assert_allclose(accuracy, [100 * r["test_accuracy"] for r in epochs])
+    per_step = bottom.get_lines()[0]
+    assert len(per_step.get_xdata()) == summary["steps"] == 250
+    # the per-step Σ‖p‖² (L2 loss / weight, before each step) meets the one measured at the epoch's end
+    assert per_step.get_ydata()[124] == pytest.approx(epochs[0]["param_sq_norm"], rel=2e-3)
+    # epoch boundaries: a dotted line at each epoch's end in every panel
+    for ax in (top, middle, bottom):
+        assert sorted(line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":") == [125, 250]
+
+    # no L2 term: the plot still says what the weights did, from the epochs' measurements
+    summary, records, fig = _plotted_run(tmp_path, monkeypatch, "--epochs", "2", "--penalty", "reference",
+                                         "--l2-weight", "0")
+    text = _texts(fig)
+    assert "--l2-weight 0: no L2 term in the loss. Σ‖p‖² grew from" in text and "L2 loss =" not in text
+    (measured,) = fig.axes[2].get_lines()[:1]
+    np.testing.assert_allclose(measured.get_ydata(), [r["param_sq_norm"] for r in records if "test_accuracy" in r])
 
 
 def test_seed_l2_weight_drives_weights_toward_zero(tmp_path):

@@ -63,8 +63,10 @@ def test_torchrun_follows_the_single_process_run_step_for_step(tmp_path, single,
         assert len(a) == len(b) == STEPS
         np.testing.assert_allclose(a, b, rtol=1e-4, err_msg=f"{kind}: {key}")
     assert column(want, "loss")[-10:].mean() < column(want, "loss")[:10].mean()  # it trained
-    test = [(r["test_loss"], r["test_accuracy"]) for r in got if "test_loss" in r]
-    ref = [(r["test_loss"], r["test_accuracy"]) for r in want if "test_loss" in r]
+    # each epoch's test set, and the weights' Σ‖p‖² (over FSDP2's shards the global value, not rank 0's share)
+    epoch_keys = ("test_loss", "test_accuracy", "param_sq_norm")
+    test = [[r[k] for k in epoch_keys] for r in got if "test_loss" in r]
+    ref = [[r[k] for k in epoch_keys] for r in want if "test_loss" in r]
     np.testing.assert_allclose(test, ref, rtol=1e-4)
     # model.pt holds the whole model (FSDP2's shards gathered), equal to the one-process run's
     import torch

@@ -4,7 +4,6 @@ Each benchmark is a module of this package exposing `add_arguments(parser)` and 
 this CLI makes them argparse subcommands. Only the chosen benchmark's module is imported (each pulls
 in its own heavy dependencies), so one that fails to import does not break the others.
 """
-import argparse
 import importlib
 import sys
 
@@ -26,15 +25,17 @@ def _chosen(argv):
 
 def build_parser(chosen=None):
     """The bench CLI; only `chosen`'s module is imported to add its options."""
-    parser = _cli.ArgumentParser(prog="python -m l2fast.bench", description=__doc__.splitlines()[0])
+    prog = _cli.prog("l2fast.bench", "l2fast-bench")
+    parser = _cli.ArgumentParser(prog=prog, description=(
+        "Measure l2fast against its baselines, side by side in one process and in interleaved rounds, "
+        f"and print the table. `{prog} BENCHMARK --help` lists a benchmark's options."))
     sub = parser.add_subparsers(dest="benchmark", metavar="{" + ",".join(BENCHMARKS) + "}", required=True)
     for name, what in BENCHMARKS.items():
         p = sub.add_parser(name, help=what, description=what)
         if name == chosen:
             module = importlib.import_module(f"l2fast.bench.{name}")
             if module.__doc__:
-                p.description = module.__doc__
-                p.formatter_class = argparse.RawDescriptionHelpFormatter
+                p.description = module.__doc__  # shown as written (_cli.HelpFormatter)
             module.add_arguments(p)
             p.set_defaults(_run=module.run)
     return parser

@@ -9,7 +9,7 @@ with ratios against eager PyTorch.
 Two rows start from what a user has, uint8 digits [N,28,28]: "onnxruntime run from uint8 (raw)"
 is `InferenceSession.run` with the preprocessing written by hand (astype float32, / 255,
 reshape), and "l2fast Predictor from uint8" is `Predictor.predict` (preprocessing, run,
-softmax, argmax). Their ratio is the Predictor's cost (issue 8's goals: batch-1 p50 <= 1.5x raw,
+softmax, argmax). Their ratio is the Predictor's cost (goals: batch-1 p50 <= 1.5x raw,
 batch-B throughput >= 0.95x raw). The other rows get a ready float32 [N,1,28,28] input: onnxruntime
 `session.run`, `run_with_iobinding` with pre-bound OrtValues and `run_with_ort_values`.
 
@@ -28,7 +28,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +42,8 @@ MAX_BATCH = 65_536  # throughput stops growing long before; the memory does not
 # Its uint8 and float32 inputs, the per-call float32 copies, onnxruntime's and torch's buffers; measured:
 # 6.7 KB an image (peak RSS at --batch 65536 over --batch 1024, CPU).
 BYTES_PER_IMAGE = 7_000
-PREDICTOR_P50_MAX = 1.5  # Predictor batch-1 p50 / raw onnxruntime p50 (issue 8)
-PREDICTOR_THROUGHPUT_MIN = 0.95  # Predictor throughput / raw onnxruntime throughput (issue 8)
+PREDICTOR_P50_MAX = 1.5  # goal: Predictor batch-1 p50 / raw onnxruntime p50
+PREDICTOR_THROUGHPUT_MIN = 0.95  # goal: Predictor throughput / raw onnxruntime throughput
 RAW = "onnxruntime run from uint8 (raw)"
 PREDICTOR = "l2fast Predictor from uint8"
 
@@ -65,10 +64,9 @@ def add_arguments(p):
     return p
 
 
-def _eager_from_export(folder):
-    """The eager MLP of an export folder: the manifest's layer_sizes, the torch.export program's weights."""
-    import torch
-
+def _eager_from_export(folder, pt2):
+    """The eager MLP of an export folder: the manifest's layer_sizes, the weights of `pt2` (its
+    torch.export program, loaded)."""
     from ..model import MLP
 
     try:
@@ -77,7 +75,7 @@ def _eager_from_export(folder):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{folder / MANIFEST_FILE}: no model.layer_sizes to rebuild the eager model from ({e}); "
                          "benchmark the checkpoint with --checkpoint instead") from None
-    weights = torch.export.load(str(folder / PT2_FILE)).state_dict
+    weights = pt2.state_dict()
     # The exporters export either the MLP or its plain Sequential (`model.layers`): the same tensors.
     target = model if any(k.startswith("layers.") for k in weights) else model.layers
     try:
@@ -89,7 +87,8 @@ def _eager_from_export(folder):
 
 
 def prepare(args, tmp):
-    """(export folder, model.onnx path, eager model, description) for the options given."""
+    """(export folder, model.onnx path, eager model, description) for the options given; the eager
+    model is None for --model (make_backends rebuilds it from the export's model.pt2)."""
     import torch
 
     from ..model import MLP
@@ -105,7 +104,7 @@ def prepare(args, tmp):
         for name in (TORCHSCRIPT_FILE, PT2_FILE, MANIFEST_FILE):
             if not (folder / name).is_file():
                 raise UsageError(f"{folder / name}: missing; the benchmark needs the whole export folder")
-        return folder, onnx_path, _eager_from_export(folder), f"existing export {onnx_path}"
+        return folder, onnx_path, None, f"existing export {onnx_path}"
     if args.checkpoint:
         from ..checkpoint import load
 
@@ -126,16 +125,20 @@ def prepare(args, tmp):
 
 
 def make_backends(folder, onnx_path, eager, lat_threads, thr_threads, batch, include_pt2=True):
-    """name -> {n: (call(), threads)} for n in (1, batch): each call runs one inference on a pre-made input."""
+    """name -> {n: (call(), threads)} for n in (1, batch): each call runs one inference on a pre-made input.
+    eager None: the MLP of the export's model.pt2 weights."""
     import onnxruntime as ort
     import torch
 
+    from ..exporters import load_pt2, load_torchscript
     from ..predictor import Predictor
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notes
-        ts = torch.jit.load(str(folder / TORCHSCRIPT_FILE), map_location="cpu").eval()
-    pt2 = torch.export.load(str(folder / PT2_FILE)).module() if include_pt2 else None
+    ts = load_torchscript(folder / TORCHSCRIPT_FILE)  # torch.jit's deprecation note recorded, not shown
+    pt2 = load_pt2(folder / PT2_FILE) if include_pt2 or eager is None else None
+    if eager is None:
+        eager = _eager_from_export(folder, pt2)
+    if not include_pt2:
+        pt2 = None
     rng = np.random.default_rng(1)
     u8 = {n: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8) for n in (1, batch)}
     inputs = {n: (a.astype(np.float32) / np.float32(255)).reshape(n, 1, 28, 28) for n, a in u8.items()}
@@ -241,7 +244,7 @@ def format_table(rows, batch):
 
 
 def verdicts(rows, batch):
-    """(lines, targets dict): issue 8's Predictor goals and the onnxruntime targets, each met or not."""
+    """(lines, targets dict): the Predictor's goals and the onnxruntime targets, each met or not."""
     raw, pred, ort_run, eager = rows[RAW], rows[PREDICTOR], rows["onnxruntime run"], rows["eager PyTorch"]
     p50_ratio = pred["p50_us"] / raw["p50_us"]
     thr_ratio = pred["throughput_img_s"] / raw["throughput_img_s"]

@@ -106,7 +106,7 @@ def values_check(device, dtype, mode, ref=None):
             worst = max(worst, RUN[mode](params, dev, ref))
         pad = f", and after a {PAD:,}-element tensor" if dev.type == "cuda" else ""
         return (f"{MODE_DOC[mode]}; {len(sizes)} sizes 1..{max(sizes):,} around k*2^e, one per call and all in "
-                f"one call{pad}; worst error {worst:.2f} of tolerance")
+                f"one call{pad}; {refs.within(worst)}")
 
     return Check(f"{device} {refs.dtype_name(dtype)} {mode}", fn, device)
 
@@ -171,7 +171,7 @@ def views_check(device):
                 worst = max(worst, _views_backward(l2fast, views, dtype, dev, d))
             except CheckFailed as e:
                 raise CheckFailed(f"{refs.dtype_name(dtype)}: {e}") from None
-        return f"{len(_views(ctx.quick)) + 1} views x 4 dtypes x 4 modes; worst error {worst:.2f} of tolerance"
+        return f"{len(_views(ctx.quick)) + 1} views x 4 dtypes x 4 modes; {refs.within(worst)}"
 
     return Check(f"{device} non-contiguous views", fn, device)
 
@@ -239,7 +239,7 @@ def many_tensors_check(device, n=1000):
             for i, (p, g0) in enumerate(zip(params, g_old)):
                 worst = max(worst, check_grad_update(f"params[{i}].grad", p.grad, g0, p, 2 * WEIGHT, ref))
         return (f"{n:,} tensors of 0..699 elements, float32 / mixed / with float64, 4 modes and a mixed "
-                f"None/existing-grad call; worst error {worst:.2f} of tolerance")
+                f"None/existing-grad call; {refs.within(worst)}")
 
     return Check(f"{device} {n:,} tensors", fn, device)
 
@@ -391,7 +391,8 @@ def weights_check(device):
             raise CheckFailed("weight = inf: accepted; expected a non-finite weight to be rejected")
         if not bool((torch.stack([g.double().abs().sum() for g in grads]) == 0).all()):
             raise CheckFailed("a rejected call wrote into grads")
-        return f"value, grads (weight 0 not read, fresh zero-filled), backward, non-finite rejected; worst {worst:.2f}"
+        return (f"value, grads (weight 0 not read, fresh zero-filled), backward, non-finite rejected; "
+                f"{refs.within(worst)}")
 
     return Check(f"{device} per-tensor weights", fn, device)
 
@@ -428,7 +429,7 @@ def param_groups_check(device):
         _expect_rejected("a non-numeric group weight", lambda: l2fast.l2_penalty_(
             [{"params": [a], "weight": "0.1"}], WEIGHT), [a, a.grad], ())
         return (f"3 groups (0.01, 0 with NaN params, default), value + grads + autograd; bad groups rejected; "
-                f"worst {worst:.2f}")
+                f"{refs.within(worst)}")
 
     return Check(f"{device} param groups", fn, device)
 

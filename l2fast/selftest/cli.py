@@ -1,5 +1,4 @@
 """The command: options, where the report goes, which devices can be tested, then the checks."""
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +10,9 @@ from .runner import DEFAULT_ESTIMATE, Context, run_checks
 
 
 def parse_args(argv):
-    p = _cli.ArgumentParser(prog="python -m l2fast.selftest", description=sys.modules[__package__].__doc__.split("\n\n")[0])
+    p = _cli.ArgumentParser(prog=_cli.prog("l2fast.selftest", "l2fast-selftest"),
+                            description="Prove that l2fast works on this machine, in one command, and leave a report "
+                                        "(report.json, report.md) to attach to a bug report.")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: the CPU, and CUDA where a GPU and CUDA kernels are present (default); "
                         "cpu: CPU only; cuda: CUDA only (an error without a GPU)")

@@ -80,6 +80,12 @@ def check_value(what, got, ref, tensors, device):
     return err / rtol
 
 
+def within(worst):
+    """A passing check's errors, said as a pass: the worst as a fraction of its tolerance (≤ 1 passes;
+    report.py's READING explains it)."""
+    return f"all within tolerance (worst error {worst:.2f}×)"
+
+
 def grad_tolerance(dtype, bound, slack=1.0):
     """Half an ulp of the stored dtype, plus a few of the float32/float64 arithmetic before the
     rounding, relative to `bound` = |g_old| + |scale * p| (no cancellation can hide an error),

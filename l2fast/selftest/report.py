@@ -3,7 +3,7 @@ import json
 import platform
 import re
 
-from .runner import Check, CheckFailed
+from .runner import Check, CheckFailed, skip_runs
 
 TOOL = "l2fast.selftest"
 FILES = ("report.json", "report.md")
@@ -82,6 +82,49 @@ def _cell(text):
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+READING = """Every check runs l2fast's ops and compares what they return with a **float64 reference**. A
+**tolerance** is the error a correct result may have: for a value, 1e-5 of it (summed in float32)
+or 1e-12 (in float64); for a grad, half an ulp of its dtype (the rounding to float32, float16 or
+bfloat16 that any kernel must make; an ulp is the gap between neighbouring numbers of that dtype)
+plus 4 ulps of the float32 (float64) arithmetic before it, relative to |g| + |2·weight·p|. A row's
+*worst error* is the largest error it saw as a fraction of its tolerance: 1.00 or less passes.
+float16 and bfloat16 grads reach 1.00 because their tolerance is almost all that half-ulp rounding;
+one of them off by a whole ulp reads 2, and fails. Skips for one reason share a row."""
+
+# report.json's version keys, as the report's table names them
+_VERSION_LABELS = {"torch_cuda": "torch's CUDA", "torch_threads": "torch threads", "build": "build",
+                   "gpu": "GPU"}
+
+
+def format_build(info):
+    """l2fast.build_info() as words: `for torch 2.x; CPU kernels: AVX2; CUDA 13.0 kernels for 9.0+PTX`."""
+    if not isinstance(info, dict):
+        return str(info)  # `not loaded: ...`
+    parts = [f"for torch {info.get('torch_version')}", f"CPU kernels: {info.get('cpu_capability') or 'default'}"]
+    if info.get("cuda"):
+        parts.append(f"CUDA {info.get('cuda_version')} kernels for {info.get('cuda_arch_list') or 'default archs'}")
+    else:
+        parts.append("no CUDA kernels")
+    known = {"torch_version", "cpu_capability", "cuda", "cuda_version", "cuda_arch_list"}
+    parts += [f"{k}: {v}" for k, v in info.items() if k not in known]
+    return "; ".join(parts)
+
+
+def _check_rows(checks):
+    """The table's rows: one per check, but one per run of consecutive skips for the same reason."""
+    rows = []
+    for run in skip_runs(checks, status=lambda c: c["status"], detail=lambda c: c["detail"]):
+        c = run[0]
+        if len(run) > 1:
+            names = ", ".join(x["name"] for x in run)
+            seconds = sum(x["seconds"] for x in run)
+            rows.append(f"| skip ({len(run)}) | {_cell(names)} | {seconds:.2f} | {_cell(c['detail'])} |")
+        else:
+            mark = {"pass": "pass", "fail": "**FAIL**", "skip": "skip"}[c["status"]]
+            rows.append(f"| {mark} | {_cell(c['name'])} | {c['seconds']:.2f} | {_cell(c['detail'])} |")
+    return rows
+
+
 def as_markdown(report):
     s = report["summary"]
     lines = [f"# l2fast self-test{' (--quick)' if report['quick'] else ''}", "",
@@ -90,13 +133,12 @@ def as_markdown(report):
              + (f" (cuda: {report['device']['cuda_skipped']})" if report["device"].get("cuda_skipped") else "")
              + ("" if report.get("complete", True) else
                 "\n\n**Incomplete: the run stopped (or is still running) before its last check.**"), "",
+             "## How to read this", "", READING, "",
              "## Versions", "", "| | |", "|---|---|"]
     for k, v in report["versions"].items():
-        lines.append(f"| {k} | {_cell(v)} |")
+        lines.append(f"| {_VERSION_LABELS.get(k, k)} | {_cell(format_build(v) if k == 'build' else v)} |")
     lines += ["", "## Checks", "", "| status | check | seconds | detail |", "|---|---|---:|---|"]
-    for c in report["checks"]:
-        mark = {"pass": "pass", "fail": "**FAIL**", "skip": "skip"}[c["status"]]
-        lines.append(f"| {mark} | {_cell(c['name'])} | {c['seconds']:.2f} | {_cell(c['detail'])} |")
+    lines += _check_rows(report["checks"])
     outputs = [c for c in report["checks"] if c.get("output")]
     if outputs:
         lines += ["", "## Outputs"]

@@ -118,26 +118,70 @@ def run_check(check, ctx):
 
 
 HEADER = f"{'status':<6} {'seconds':>8}  {'check':<46} detail"
+# Above the table: what "worst error X of tolerance" means (report.md's "How to read this" says more).
+READING = ("Errors against float64 references are fractions of a tolerance, the error a correct result may have; "
+           "1.00 or less passes,\nand float16/bfloat16 grads reach 1.00 by their own rounding (report.md explains). "
+           "Skips for one reason share a line.")
 
 
 def format_row(r):
     return f"{r.status:<6} {r.seconds:>8.2f}  {r.name:<46} {r.detail}"
 
 
+def skip_runs(rows, status=lambda r: r.status, detail=lambda r: r.detail):
+    """`rows` cut into runs: consecutive skips with the same reason together, every other row alone."""
+    runs = []
+    for r in rows:
+        last = runs[-1] if runs else None
+        if (last and status(r) == "skip" and status(last[0]) == "skip"
+                and detail(r) == detail(last[0])):
+            last.append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
+def group_label(names):
+    """`41 cuda checks` (their shared first word) or `3 checks`."""
+    first = {name.split(" ", 1)[0] for name in names}
+    return f"{len(names)} {first.pop() + ' ' if len(first) == 1 else ''}checks"
+
+
+def format_run(run):
+    """One table line for a run of skips with one reason (or a row alone)."""
+    if len(run) == 1:
+        return format_row(run[0])
+    seconds = sum(r.seconds for r in run)
+    return f"{'skip':<6} {seconds:>8.2f}  {group_label([r.name for r in run]):<46} {run[0].detail}"
+
+
 def run_checks(checks, ctx, on_result=None):
-    """Run the checks in order, printing each row as it ends (and calling on_result(results so far));
-    returns the list of Results."""
+    """Run the checks in order, printing each row as it ends (consecutive skips for one reason as one
+    line, once the run of them ends), and calling on_result(results so far); returns every Result."""
     stream = ctx.stream or sys.stdout
+    print(READING, file=stream, flush=True)
     print(HEADER, file=stream, flush=True)
     print("-" * len(HEADER), file=stream, flush=True)
-    results = []
+    results, pending = [], []  # pending: skips for one reason, not printed yet
+
+    def flush():
+        if pending:
+            print(format_run(pending), file=stream, flush=True)
+            pending.clear()
+
     try:
         for check in checks:
             r = run_check(check, ctx)
             results.append(r)
-            print(format_row(r), file=stream, flush=True)
+            if pending and not (r.status == "skip" and r.detail == pending[0].detail):
+                flush()
+            if r.status == "skip":
+                pending.append(r)
+            else:
+                print(format_row(r), file=stream, flush=True)
             if on_result is not None:
                 on_result(results)
+        flush()
     finally:
         for fn in ctx.cleanup:
             fn()
