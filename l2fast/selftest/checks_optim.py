@@ -30,9 +30,11 @@ def adamw_reference(p, g, m, v, vmax, step, *, lr, betas, eps, weight_decay, l2_
         g = g / grad_scale
     if maximize:
         g = -g
-    g = g + 2 * l2_weight * p
+    pen = 2 * l2_weight * p
+    size = g.abs() + pen.abs()  # g and 2·w·p may cancel: an error in either is relative to its own size
+    g = g + pen
     b1, b2 = betas
-    bounds = {"m": (b1 * m).abs() + ((1 - b1) * g).abs(), "v": b2 * v + (1 - b2) * g * g}
+    bounds = {"m": (b1 * m).abs() + (1 - b1) * size, "v": b2 * v + (1 - b2) * size * size}
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
