@@ -64,3 +64,18 @@ def test_help_shows_the_defaults(tmp_path):
     top = run_python(["-m", "l2fast.bench", "--help"], cwd=tmp_path).stdout
     description = top.split("\n\n")[1]
     assert description[0].isalpha(), description  # words, not a code string (`python -m l2fast.bench ...`)
+
+
+HELP_PAGES = [["l2fast.train"], ["l2fast.export"], ["l2fast.infer"], ["l2fast.selftest"],
+              ["l2fast.bench"]] + [["l2fast.bench", b] for b in ("penalty", "optim", "train", "infer")]
+
+
+@pytest.mark.parametrize("args", HELP_PAGES, ids=" ".join)
+def test_help_speaks_about_the_project_not_how_it_was_made(tmp_path, args):
+    # `bench optim --help` said "Targets (issue 19, ...)": a user has no issue 19
+    import re
+
+    done = run_python(["-m", *args, "--help"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = re.findall(r"(?i)\b(?:issue|round)s? \d+", done.stdout)
+    assert not found, f"{' '.join(args)} --help mentions {found}"

@@ -11,7 +11,7 @@ Sizes: the seed MLP's parameters, or float32 values spread over --tensors tensor
 sizes (as `bench penalty`). Each size runs with every --threads count. Before timing, one step of
 `optim` is checked against `L2Penalty` + torch's fused AdamW (params to float rounding, the value to
 1e-6 of float64).
-Targets (issue 19, this CPU): from 10M values optim <= 1.10x fused and <= 0.85x L2Penalty; at the
+Goals (on a 2-core CPU): from 10M values optim <= 1.10x fused and <= 0.85x L2Penalty; at the
 seed MLP's size optim <= 0.35x fused.
 """
 import sys

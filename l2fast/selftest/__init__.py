@@ -1,6 +1,6 @@
 """`python -m l2fast.selftest`: prove an install on this machine in one command, and leave a report.
 
-Runs every check of issue 10 on the CPU and, where a GPU and CUDA kernels are present, on CUDA:
+Runs its checks on the CPU and, where a GPU and CUDA kernels are present, on CUDA:
 values and grads against float64 references for every dtype and mode, at chunk boundaries, on
 views and zero-size tensors; aliasing rejections; determinism; opcheck; gradcheck; torch.compile;
 and on CUDA one launch per call, no host sync, CUDA graphs, streams and threads, > 2^31 elements,

@@ -454,7 +454,7 @@ def accuracy_check():
 
 
 def scales_check():
-    """Grad scales float32 cannot hold (issue 18 item 5): zero params keep zero grads, products float32
+    """Grad scales float32 cannot hold: zero params keep zero grads, products float32
     can hold come out right, and scales float64 cannot hold are refused before any write."""
     def fn(ctx):
         dev = _cuda()

@@ -28,9 +28,10 @@ def randn(shape, dtype, device, seed):
 def boundary_sizes(quick):
     """Sizes k*2^e - 1, k*2^e, k*2^e + 1 around several powers of two.
 
-    Both kernels cut tensors into chunks of 2^14 elements today; issue 10 moves them to chunks
-    sized in bytes (so 2^13..2^15 elements by dtype) and smaller chunks for small totals, so the
-    boundaries are tested around every power of two in a wide range rather than one constant.
+    The CPU penalty kernel cuts the list into chunks of 2^14 elements (the AdamW one 2^13); the CUDA
+    kernels' chunks are sized in bytes (so their element counts differ by dtype), and smaller for
+    small totals; so the boundaries are tested around every power of two in a wide range rather
+    than one constant.
     """
     powers = (12, 13, 14, 15) if quick else range(6, 18)
     mults = (1, 3) if quick else (1, 2, 3)
