@@ -1,6 +1,7 @@
 // l2fast::adamw_, written once over a backend's kernel: every check before any write, then the plan.
 #include "adamw.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/variable.h>

@@ -6,6 +6,7 @@ gloo on CPUs, NCCL with one GPU per rank. Each rank runs the fused kernel on its
 penalty's value is the global one (one all-reduce), the same on every rank.
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -64,6 +65,11 @@ if rank == 0:
     accuracy = (predicted == data.test_labels).mean()
     print(f"{world} ranks: l2 {', '.join(f'{v.item():.6f}' for v in values)} (one per rank), "
           f"test accuracy {accuracy:.2%}")
+agree = all(torch.equal(v, values[0]) for v in values)
+# Nothing may hold the process group past its destruction (FSDP2's device mesh does, through the model):
+# gloo aborts the process at exit otherwise ("terminate called without an active exception").
+del model, optimizer, penalty, groups
+gc.collect()
 dist.destroy_process_group()
-if any(not torch.equal(v, values[0]) for v in values):
+if not agree:
     raise SystemExit("the ranks disagree on the penalty's value")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import l2fast
 import l2fast.ops  # noqa: F401  (registers torch.ops.l2fast.*)
+from l2fast.optim import AdamW
 
 OPS = torch.ops.l2fast
 F32_MAX = torch.finfo(torch.float32).max
@@ -66,6 +67,65 @@ def test_many_constant_tensors_within_1e_6(device):
     xs = [torch.full((n,), v, device=device) for n, v in zip(sizes, values)]
     ref = sum(exact_constant_sq_norm(v, n, torch.float32) for n, v in zip(sizes, values))
     got = l2fast.sq_norm(xs).item()
+    assert abs(got - ref) / ref < 1e-6, (got, ref)
+
+
+# --- the AdamW step's penalty value: the same promise (l2fast.optim.AdamW, adamw_) ---------------------
+
+def adamw_penalty(xs, weights=None, skip=False):
+    """The value of one l2fast.optim.AdamW step over params `xs` (one group each, weight 1 or
+    `weights[i]`), without data grads (the penalty's gradient alone); with `skip`, GradScaler's
+    found_inf is 1: nothing is updated, the value is still summed."""
+    weights = weights or [1.0] * len(xs)
+    params = [torch.nn.Parameter(x) for x in xs]
+    opt = AdamW([{"params": [p], "weight": w} for p, w in zip(params, weights)], lr=1e-3)
+    if skip:
+        opt.grad_scale = torch.tensor(1.0, device=xs[0].device)
+        opt.found_inf = torch.tensor(1.0, device=xs[0].device)
+    opt.step()
+    return opt.penalty.item()
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["step", "found_inf"])
+@pytest.mark.parametrize("n", [16_384, 1_000_003, 10_000_000])
+@pytest.mark.parametrize("value", [0.5025, 1 / 3, 7.77, 8.4107])
+def test_adamw_constant_float32_within_1e_6(device, n, value, skip):
+    """As the penalty ops: 1e-6 relative at every size. (8.4107: a float32 running sum of 64 of its
+    squares is 1.02e-6 off, as the first CUDA kernel summed them.)"""
+    x = torch.full((n,), value, device=device)
+    ref = exact_constant_sq_norm(value, n, torch.float32)
+    got = adamw_penalty([x], skip=skip)
+    assert abs(got - ref) / ref < 1e-6, (got, ref)
+
+
+@pytest.mark.slow
+def test_adamw_constant_1e8_float32_within_1e_6(device):
+    """The README's case, through the optimizer: 10^8 values of 0.5025."""
+    ref = exact_constant_sq_norm(0.5025, 10**8, torch.float32)
+    got = adamw_penalty([torch.full((10**8,), 0.5025, device=device)])
+    assert abs(got - ref) / ref < 1e-6, (got, ref)
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["step", "found_inf"])
+@pytest.mark.parametrize("n,value", [(3_000_017, 0.5025), (10_000_019, 0.497)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adamw_constant_half_precision_within_1e_6(device, dtype, n, value, skip):
+    """Summed in float32 too. (10^7 float16 values of 0.497: 128-term float32 runs per thread, as the
+    first CUDA kernel summed them, are 1.9e-6 off.)"""
+    got = adamw_penalty([torch.full((n,), value, device=device, dtype=dtype)], skip=skip)
+    ref = exact_constant_sq_norm(value, n, dtype)
+    assert abs(got - ref) / ref < 1e-6, (got, ref)
+
+
+def test_adamw_many_constant_tensors_within_1e_6(device):
+    """Many tensors in groups of their own weights, chunks of every size, mixed dtypes."""
+    sizes = [1, 3, 8191, 8193, 16_385, 70_001, 1_000_001, 2_000_003]
+    values = [0.3, 1.7, 0.5025, 2.0 / 3, 0.1, 5.5, 0.999, 0.5025]
+    dtypes = [torch.float32] * 6 + [torch.bfloat16, torch.float16]
+    weights = [0.5, 2.0, 1.0, 0.25, 3.0, 1.0, 0.75, 1.5]
+    xs = [torch.full((n,), v, device=device, dtype=dt) for n, v, dt in zip(sizes, values, dtypes)]
+    ref = sum(w * exact_constant_sq_norm(v, n, dt) for n, v, dt, w in zip(sizes, values, dtypes, weights))
+    got = adamw_penalty(xs, weights)
     assert abs(got - ref) / ref < 1e-6, (got, ref)
 
 

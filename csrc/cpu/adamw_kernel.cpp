@@ -4,7 +4,6 @@
 // at::vec expressions, so the same bits), and p² of the old p added to the chunk's penalty partial.
 // Partials are added in chunk order in float64: bit-identical whatever the thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -14,13 +13,14 @@
 #include <type_traits>
 
 #include "adamw.h"
+#include "chunks.h"
 
 namespace l2fast {
 namespace {
 
 constexpr int64_t kChunk = 8192;           // elements per partial: ~10x l2_penalty_'s work per element
 constexpr int64_t kSerialBelow = 1 << 15;  // elements: below this a thread fork costs more than it saves
-constexpr int kRun = 16;                   // vectors each lane sums in float before the sum moves to float64
+using cpu::Chunk;
 
 enum class Grad { kNone, kPlain, kScaled };  // no data grad (penalty only); read; unscaled and written back
 
@@ -60,8 +60,8 @@ struct Consts {
   }
 };
 
-// Sum of squares: float lanes in short runs, each run's lanes added in float64 (1e8 float32 values
-// within 1e-6 of a float64 sum).
+// Sum of squares: each float lane kRun terms long, then added into float64 (cpu::kRun: 1e8 float32
+// values within 1e-6 of a float64 sum).
 template <typename O>
 struct SumSq {
   using V = at::vec::Vectorized<O>;
@@ -71,7 +71,7 @@ struct SumSq {
 
   void add(const V& x) {
     acc = at::vec::fmadd(x, x, acc);
-    if (++n == kRun) flush();
+    if (++n == cpu::kRun) flush();
   }
   void flush() {
     alignas(64) O lanes[V::size()];
@@ -225,19 +225,10 @@ double run_chunk(const AdamWPlan& plan, const AdamWSegment& s, int64_t b, int64_
   return group.l2_weight * sq.total;
 }
 
-struct Chunk {
-  int64_t segment, begin, end;
-};
-
 at::Tensor run_cpu(const AdamWPlan& plan) {
   const bool skip = plan.found_inf.defined() && *plan.found_inf.const_data_ptr<float>() == 1.0f;
-  std::vector<Chunk> chunks;
-  int64_t numel = 0;
-  for (size_t s = 0; s < plan.segments.size(); ++s) {
-    const int64_t n = plan.segments[s].numel();
-    numel += n;
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int64_t>(s), b, std::min(n, b + kChunk)});
-  }
+  int64_t numel;
+  const std::vector<Chunk> chunks = cpu::cut_into_chunks(plan.segments, kChunk, numel);
   std::vector<double> partial(chunks.size());
   auto work = [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
@@ -271,13 +262,7 @@ at::Tensor run_cpu(const AdamWPlan& plan) {
   }
   double total = 0.0;
   for (double x : partial) total += x;
-  at::Tensor value = at::detail::empty_cpu({}, plan.acc_dtype());
-  if (plan.any_double) {
-    *value.mutable_data_ptr<double>() = total;
-  } else {
-    *value.mutable_data_ptr<float>() = static_cast<float>(total);
-  }
-  return value;
+  return cpu::value_tensor(total, plan.any_double);
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 // are counted from each tensor's first element (unaligned loads), so the bits do not depend on
 // where the tensors sit in memory either.
 #include <ATen/Dispatch.h>
-#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -14,6 +13,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "chunks.h"
 #include "l2_penalty.h"
 
 namespace l2fast {
@@ -22,17 +22,8 @@ namespace {
 constexpr int64_t kChunk = 16384;     // elements per task: a few L1-sized strips, cheap to schedule
 constexpr int64_t kSerialBelow = 1 << 18;  // elements: below ~1 MB a thread fork costs more than it saves
 
-struct Chunk {
-  int64_t segment;
-  int64_t begin;
-  int64_t end;
-};
-
-// Float32 running sums drift: every add rounds, and on constant values every add rounds the same
-// way, so a sum of k terms can be off by about k/2 ulps. No accumulator here runs longer than
-// kRun terms per lane before it is added into a float64 sum (10^8 constant values stay within
-// 1e-6 relative).
-constexpr int64_t kRun = 16;
+using cpu::Chunk;
+using cpu::kRun;
 
 // float/double with an accumulator of the same type: at::vec, four independent accumulators, each
 // lane kRun terms long, then added into a double.
@@ -162,26 +153,12 @@ double run_chunks(const Plan& plan, const std::vector<Chunk>& chunks, int64_t nu
 }
 
 at::Tensor run_cpu(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce) {
-  std::vector<Chunk> chunks;
-  int64_t numel = 0;
-  for (size_t s = 0; s < plan.segments.size(); ++s) {
-    const int64_t n = plan.segments[s].numel();
-    numel += n;
-    for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({static_cast<int64_t>(s), b, std::min(n, b + kChunk)});
-  }
+  int64_t numel;
+  const std::vector<Chunk> chunks = cpu::cut_into_chunks(plan.segments, kChunk, numel);
   const double scale = 2.0 * weight * (grad_out ? grad_out->item<double>() : 1.0);
   const double total = plan.any_double ? run_chunks<double>(plan, chunks, numel, scale)
                                      : run_chunks<float>(plan, chunks, numel, scale);
-  if (!reduce) return at::Tensor();
-  // Allocated and written directly: at::scalar_tensor's fill_ builds a TensorIterator, which costs
-  // as much as a tenth of the seed MLP's whole call.
-  at::Tensor value = at::detail::empty_cpu({}, plan.acc_dtype());
-  if (plan.any_double) {
-    *value.mutable_data_ptr<double>() = weight * total;
-  } else {
-    *value.mutable_data_ptr<float>() = static_cast<float>(weight * total);
-  }
-  return value;
+  return reduce ? cpu::value_tensor(weight * total, plan.any_double) : at::Tensor();
 }
 
 }  // namespace

@@ -3,102 +3,35 @@
 // Per element, in registers: g' = g (/ grad_scale) (negated with maximize) + 2·w·p, torch's AdamW
 // update with g' in the order and precision of torch's fused CUDA kernel
 // (aten/src/ATen/native/cuda/fused_adam_utils.cuh: opmath arithmetic, constants in double), and p²
-// of the old p added to the chunk's partial. The per-tensor and per-group table travels as a
-// __grid_constant__ kernel parameter (CUDA >= 12.1: 32 KB), or as a device table for long lists.
-// The last block to finish adds the partials in chunk order (deterministic, no float atomics) and
-// increments every step, so lr, step and found_inf are read on the device: no host sync, capturable.
-#include <ATen/Dispatch.h>
+// of the old p added to the chunk's partial.
+//
+// The launch is l2_penalty_'s (multi_tensor.cuh): the per-tensor table as a __grid_constant__
+// parameter in the smallest of 32, 64, 128, 256 or 448 entries (a 72-byte record), a device table
+// beyond (cached while unchanged, from the capture pool under CUDA-graph capture); the param groups
+// (up to 4) in the arguments, more in a device table of their own; chunks of a byte size chosen from
+// the list alone; one wave of resident blocks, each walking a contiguous range of chunks. The sum
+// is the penalty kernel's: within a chunk, 16-byte groups of elements, thread t taking groups t,
+// t + 256, ... with one opmath accumulator per position in the group (at most 16 terms each in a
+// 64 KB chunk), one float64 partial per chunk, added by the last block in an order that depends on
+// the number of chunks only. So the value's bits depend on the values and the list, not on the GPU,
+// the grid or the addresses. The last block also increments every step, so lr, step and found_inf
+// are read on the device: no host sync, capturable.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda/atomic>
 
-#include <algorithm>
 #include <cstring>
-#include <mutex>
 
 #include "adamw.h"
-
-#if !defined(CUDART_VERSION) || CUDART_VERSION < 12010
-#error "l2fast's CUDA kernels need CUDA >= 12.1 (32 KB kernel parameters)"
-#endif
+#include "multi_tensor.cuh"
 
 namespace l2fast {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Machinery shared in kind with csrc/cuda/l2_penalty_kernel.cu (chunk sizing, block reduction,
-// pinned tables tied to CUDA graphs). TODO(merge): take these from the kernels' shared header.
-constexpr int kThreads = 256;
-constexpr int64_t kMaxChunkBytes = 64 << 10;  // param bytes per chunk
-constexpr int64_t kMinChunkBytes = 4 << 10;
-constexpr int kBlocksPerSM = 8;
+using mt::kThreads;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_sums[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : acc_t(0);
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  __syncthreads();
-  return v;  // valid in thread 0
-}
-
-// Pinned host tables of destroyed graphs, freed by the next call on a thread that may call CUDA.
-struct Graveyard {
-  std::mutex mu;
-  std::vector<at::Tensor> dead;
-};
-
-Graveyard& graveyard() {
-  static auto* g = new Graveyard();  // never destroyed: a graph may outlive static destructors
-  return *g;
-}
-
-void bury(void* table) {
-  auto* t = static_cast<at::Tensor*>(table);
-  {
-    std::lock_guard<std::mutex> lock(graveyard().mu);
-    graveyard().dead.push_back(std::move(*t));
-  }
-  delete t;
-}
-
-void release_buried() {
-  std::vector<at::Tensor> dead;
-  std::lock_guard<std::mutex> lock(graveyard().mu);
-  dead.swap(graveyard().dead);
-}
-
-// A captured copy re-reads its pinned source at every replay: the source lives as long as the graph.
-void tie_to_graph(at::Tensor host, cudaStream_t stream) {
-  cudaStreamCaptureStatus status;
-  cudaGraph_t graph = nullptr;
-  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph));
-  TORCH_INTERNAL_ASSERT(status == cudaStreamCaptureStatusActive && graph != nullptr);
-  auto* keep = new at::Tensor(std::move(host));
-  cudaUserObject_t object;
-  const cudaError_t err = cudaUserObjectCreate(&object, keep, bury, 1, cudaUserObjectNoDestructorSync);
-  if (err != cudaSuccess) delete keep;
-  C10_CUDA_CHECK(err);
-  C10_CUDA_CHECK(cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove));
-}
-// ---------------------------------------------------------------------------------------------
-
-enum DType : int32_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 enum GradKind : int32_t { kNoGrad = 0, kPlainGrad = 1, kScaledGrad = 2 };
 
-struct TensorMeta {  // 72 bytes
+struct TensorMeta {
   void* p;
   void* g;     // null: no data grad (the penalty's gradient alone)
   void* m;
@@ -110,49 +43,39 @@ struct TensorMeta {  // 72 bytes
   int32_t dtype;
   int32_t group;
 };
+static_assert(sizeof(TensorMeta) == 72, "TensorMeta must have no padding (device tables compare bytes)");
 
-struct GroupMeta {  // 64 bytes
+struct GroupMeta {
   double lr, beta1, beta2, eps, weight_decay, l2_weight;
   const void* lr_ptr;  // a device lr (float32 or float64), or null: `lr`
   int32_t lr_is_double;
   int32_t flags;  // kAmsgrad | kMaximize
 };
+static_assert(sizeof(GroupMeta) == 64, "GroupMeta must have no padding (device tables compare bytes)");
 
-constexpr int kInlineGroups = 4;
-constexpr int kSmallTable = 32;
-constexpr int kMaxParamTensors = 432;
-
-template <int N>
-struct ParamTable {
-  TensorMeta t[N];
-  GroupMeta g[kInlineGroups];
-  __device__ const TensorMeta& tensor(int i) const { return t[i]; }
-  __device__ const GroupMeta& group(int k) const { return g[k]; }
-};
-
-struct DeviceTable {
-  const TensorMeta* t;
-  const GroupMeta* g;
-  __device__ const TensorMeta& tensor(int i) const { return t[i]; }
-  __device__ const GroupMeta& group(int k) const { return g[k]; }
-};
+constexpr int kArgGroups = 4;  // groups carried in Args; more go to a device table
 
 struct Args {
   int ntensors;
+  int32_t scaled;  // grad_scale given: grads are unscaled and written back
   int64_t nchunks;
   int64_t chunk_bytes;
-  unsigned int* counter;  // zero at launch
-  double* partials;       // one per chunk
-  void* out;              // acc_t
-  const float* grad_scale;  // or null
-  const float* found_inf;   // or null
-  int32_t grad_kind_scaled; // grads are unscaled and written back (grad_scale given)
+  mt::Reduction red;
+  void* out;                     // float64 when out_double, else float32
+  const float* grad_scale;       // or null
+  const float* found_inf;        // or null
+  const GroupMeta* group_table;  // more than kArgGroups groups; null: `groups`
+  int32_t out_double;
+  GroupMeta groups[kArgGroups];
 };
 
-static_assert(kMaxParamTensors * sizeof(TensorMeta) + kInlineGroups * sizeof(GroupMeta) + sizeof(Args) <= 32764,
-              "kernel parameters too large");
+static_assert(mt::max_param_tensors<TensorMeta, Args>() == 448, "the docs say 448 tensors in the parameters");
 
-// One chunk's constants, computed once by thread 0 as torch's functor computes them per block.
+__device__ __forceinline__ const GroupMeta& group_of(const Args& a, int k) {
+  return a.group_table != nullptr ? a.group_table[k] : a.groups[k];
+}
+
+// One tensor's constants, computed once per tensor by thread 0 as torch's functor computes them per block.
 template <typename opmath_t>
 struct Consts {
   double lr, beta1, beta2, eps, weight_decay;
@@ -182,73 +105,111 @@ __device__ __forceinline__ void adamw_math(opmath_t& param, opmath_t grad, opmat
   param -= step_size * exp_avg / denom;
 }
 
-// One element i of one tensor: load, update, store; returns p² of the old p.
+// One element: the old p² into `acc` (one fma, as the penalty kernel sums), then updated in place.
+// g and vmax are only touched as GRAD and AMSGRAD say.
 template <bool AMSGRAD, int GRAD, typename T, typename opmath_t>
-__device__ __forceinline__ opmath_t element(T& p, T* g, T& m, T& v, T* vmax, const Consts<opmath_t>& c) {
+__device__ __forceinline__ void element(T& p, T& g, T& m, T& v, T& vmax, const Consts<opmath_t>& c, opmath_t& acc) {
   opmath_t param = static_cast<opmath_t>(p);
-  opmath_t grad = GRAD == kNoGrad ? opmath_t(0) : static_cast<opmath_t>(*g);
+  opmath_t grad = GRAD == kNoGrad ? opmath_t(0) : static_cast<opmath_t>(g);
   if constexpr (GRAD == kScaledGrad) {
     grad /= c.grad_scale;
-    *g = static_cast<T>(grad);
+    g = static_cast<T>(grad);
   }
-  const opmath_t sq = param * param;
+  acc = fma(param, param, acc);
   opmath_t exp_avg = static_cast<opmath_t>(m), exp_avg_sq = static_cast<opmath_t>(v), max_sq = 0;
-  if constexpr (AMSGRAD) max_sq = static_cast<opmath_t>(*vmax);
+  if constexpr (AMSGRAD) max_sq = static_cast<opmath_t>(vmax);
   adamw_math<AMSGRAD>(param, grad, exp_avg, exp_avg_sq, max_sq, c);
   p = static_cast<T>(param);
   m = static_cast<T>(exp_avg);
   v = static_cast<T>(exp_avg_sq);
-  if constexpr (AMSGRAD) *vmax = static_cast<T>(max_sq);
-  return sq;
+  if constexpr (AMSGRAD) vmax = static_cast<T>(max_sq);
 }
 
-// One chunk of one tensor: 16-byte loads of every tensor when all are aligned, element loads otherwise.
+// The penalty kernel's walk of a chunk of n elements: groups of V elements (16 bytes), thread t
+// taking groups t, t + kThreads, ... in order; the last group may be partial. group(q, count) does
+// elements [q·V, q·V + count): element q·V + k goes to accumulator k, whichever way it is loaded.
+template <int V, typename Group>
+__device__ __forceinline__ void walk(int64_t n, Group&& group) {
+  const int64_t groups = (n + V - 1) / V;
+  for (int64_t q = threadIdx.x; q < groups; q += kThreads) group(q, static_cast<int>(min(int64_t{V}, n - q * V)));
+}
+
+__device__ __forceinline__ bool aligned(const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; }
+
+// Group q of x, elements [0, count) (the rest 0): one 16-byte load when `vec`, else element loads.
+template <int V, typename T>
+__device__ __forceinline__ mt::Pack<T, V> load_group(const T* x, int64_t q, int count, bool vec) {
+  if (vec) return reinterpret_cast<const mt::Pack<T, V>*>(x)[q];
+  mt::Pack<T, V> r;
+#pragma unroll
+  for (int k = 0; k < V; ++k) r.v[k] = k < count ? x[q * V + k] : T(0);
+  return r;
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_group(T* x, int64_t q, int count, bool vec, const mt::Pack<T, V>& r) {
+  if (vec) {
+    reinterpret_cast<mt::Pack<T, V>*>(x)[q] = r;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    if (k < count) x[q * V + k] = r.v[k];
+  }
+}
+
+// One chunk of one tensor updated; returns the thread's sum of the old p² (its accumulators added).
+// The lanes past a partial group's end hold 0: their p² adds exactly 0, and they are not stored.
 template <bool AMSGRAD, int GRAD, typename T, typename opmath_t>
-__device__ __noinline__ opmath_t update_chunk(T* __restrict__ p, T* __restrict__ g, T* __restrict__ m,
+__device__ __forceinline__ opmath_t update_chunk(T* __restrict__ p, T* __restrict__ g, T* __restrict__ m,
                                               T* __restrict__ v, T* __restrict__ vmax, int64_t n,
                                               const Consts<opmath_t>& c) {
   constexpr int V = 16 / sizeof(T);
-  using P = Pack<T, V>;
-  opmath_t acc = 0;
-  int64_t done = 0;
-  auto aligned = [](const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; };
-  if (aligned(p) && aligned(m) && aligned(v) && (GRAD == kNoGrad || aligned(g)) && (!AMSGRAD || aligned(vmax))) {
-    const int64_t nv = n / V;
-    for (int64_t i = threadIdx.x; i < nv; i += kThreads) {
-      P pp = reinterpret_cast<P*>(p)[i], mm = reinterpret_cast<P*>(m)[i], vv = reinterpret_cast<P*>(v)[i], gg, xx;
-      if constexpr (GRAD != kNoGrad) gg = reinterpret_cast<P*>(g)[i];
-      if constexpr (AMSGRAD) xx = reinterpret_cast<P*>(vmax)[i];
+  using P = mt::Pack<T, V>;
+  opmath_t acc[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) {
-        acc += element<AMSGRAD, GRAD>(pp.v[k], &gg.v[k], mm.v[k], vv.v[k], &xx.v[k], c);
-      }
-      reinterpret_cast<P*>(p)[i] = pp;
-      reinterpret_cast<P*>(m)[i] = mm;
-      reinterpret_cast<P*>(v)[i] = vv;
-      if constexpr (GRAD == kScaledGrad) reinterpret_cast<P*>(g)[i] = gg;
-      if constexpr (AMSGRAD) reinterpret_cast<P*>(vmax)[i] = xx;
-    }
-    done = nv * V;
-  }
-  for (int64_t i = done + threadIdx.x; i < n; i += kThreads) {
-    acc += element<AMSGRAD, GRAD>(p[i], GRAD == kNoGrad ? nullptr : g + i, m[i], v[i], AMSGRAD ? vmax + i : nullptr, c);
-  }
-  return acc;
+  for (int k = 0; k < V; ++k) acc[k] = opmath_t(0);
+  const bool all_aligned =
+      aligned(p) && aligned(m) && aligned(v) && (GRAD == kNoGrad || aligned(g)) && (!AMSGRAD || aligned(vmax));
+  walk<V>(n, [&](int64_t q, int count) {
+    const bool vec = all_aligned && count == V;
+    P pp = load_group<V>(p, q, count, vec), mm = load_group<V>(m, q, count, vec), vv = load_group<V>(v, q, count, vec);
+    P gg, xx;
+    if constexpr (GRAD != kNoGrad) gg = load_group<V>(g, q, count, vec);
+    if constexpr (AMSGRAD) xx = load_group<V>(vmax, q, count, vec);
+#pragma unroll
+    for (int k = 0; k < V; ++k) element<AMSGRAD, GRAD>(pp.v[k], gg.v[k], mm.v[k], vv.v[k], xx.v[k], c, acc[k]);
+    store_group<V>(p, q, count, vec, pp);
+    store_group<V>(m, q, count, vec, mm);
+    store_group<V>(v, q, count, vec, vv);
+    if constexpr (GRAD == kScaledGrad) store_group<V>(g, q, count, vec, gg);
+    if constexpr (AMSGRAD) store_group<V>(vmax, q, count, vec, xx);
+  });
+  return mt::sum_lanes(acc);
 }
 
-// found_inf: nothing written, the penalty summed.
+// found_inf: nothing written, the old p² summed as update_chunk sums it.
 template <typename T, typename opmath_t>
-__device__ __noinline__ opmath_t sum_chunk(const T* __restrict__ p, int64_t n) {
-  opmath_t acc = 0;
-  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const opmath_t x = static_cast<opmath_t>(p[i]);
-    acc += x * x;
-  }
-  return acc;
+__device__ __forceinline__ opmath_t sum_chunk(const T* __restrict__ p, int64_t n) {
+  constexpr int V = 16 / sizeof(T);
+  opmath_t acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = opmath_t(0);
+  const bool all_aligned = aligned(p);
+  walk<V>(n, [&](int64_t q, int count) {
+    const mt::Pack<T, V> x = load_group<V>(p, q, count, all_aligned && count == V);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const opmath_t y = static_cast<opmath_t>(x.v[k]);
+      acc[k] = fma(y, y, acc[k]);
+    }
+  });
+  return mt::sum_lanes(acc);
 }
 
+// One chunk of a tensor of type T: the block's sum of the old p² (valid in thread 0; 0 for weight 0).
 template <typename T>
-__device__ double typed_chunk(const TensorMeta& t, const GroupMeta& grp, int64_t begin, int64_t n, bool skip,
+__device__ __forceinline__ double typed_chunk(const TensorMeta& t, const GroupMeta& grp, int64_t begin, int64_t n, bool skip,
                               int grad_kind, const Consts<at::opmath_type<T>>& c) {
   using opmath_t = at::opmath_type<T>;
   T* p = static_cast<T*>(t.p) + begin;
@@ -261,9 +222,8 @@ __device__ double typed_chunk(const TensorMeta& t, const GroupMeta& grp, int64_t
     T* m = static_cast<T*>(t.m) + begin;
     T* v = static_cast<T*>(t.v) + begin;
     T* vmax = t.vmax ? static_cast<T*>(t.vmax) + begin : nullptr;
-    const bool amsgrad = (grp.flags & kAmsgrad) != 0;
     const int kind = g == nullptr ? kNoGrad : grad_kind;
-    if (amsgrad) {
+    if ((grp.flags & kAmsgrad) != 0) {
       acc = kind == kNoGrad      ? update_chunk<true, kNoGrad>(p, g, m, v, vmax, n, c)
             : kind == kPlainGrad ? update_chunk<true, kPlainGrad>(p, g, m, v, vmax, n, c)
                                  : update_chunk<true, kScaledGrad>(p, g, m, v, vmax, n, c);
@@ -272,125 +232,86 @@ __device__ double typed_chunk(const TensorMeta& t, const GroupMeta& grp, int64_t
             : kind == kPlainGrad ? update_chunk<false, kPlainGrad>(p, g, m, v, vmax, n, c)
                                  : update_chunk<false, kScaledGrad>(p, g, m, v, vmax, n, c);
     }
-    if (grp.l2_weight == 0) acc = 0;  // not summed (a NaN there reaches nothing)
+    if (grp.l2_weight == 0) return 0.0;  // not summed (a NaN there reaches nothing)
   }
-  return static_cast<double>(block_sum(acc));
+  return static_cast<double>(mt::block_sum(acc));
 }
 
-__device__ __forceinline__ int elem_bytes(int32_t dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
+// Thread 0: the constants of a tensor's update, from its group, its step and grad_scale.
+__device__ __forceinline__ void set_consts(const float* step, int32_t dtype, const GroupMeta& grp, const Args& args,
+                                        Consts<float>& cf, Consts<double>& cd) {
+  const double lr = grp.lr_ptr == nullptr ? grp.lr
+                    : grp.lr_is_double    ? *static_cast<const double*>(grp.lr_ptr)
+                                          : static_cast<double>(*static_cast<const float*>(grp.lr_ptr));
+  const float step_count = *step + 1.0f;  // torch: steps += 1 (float32) before its kernel
+  const double bias_correction1 = 1 - std::pow(grp.beta1, static_cast<double>(step_count));
+  const double bias_correction2 = 1 - std::pow(grp.beta2, static_cast<double>(step_count));
+  const double grad_scale = args.grad_scale ? static_cast<double>(*args.grad_scale) : 1.0;
+  const bool maximize = (grp.flags & kMaximize) != 0, l2 = grp.l2_weight != 0;
+  if (dtype == mt::kF64) {
+    cd = {lr, grp.beta1, grp.beta2, grp.eps, grp.weight_decay, 2 * grp.l2_weight, bias_correction1,
+          std::sqrt(bias_correction2), grad_scale, maximize, l2};
+  } else {
+    cf = {lr, grp.beta1, grp.beta2, grp.eps, grp.weight_decay, static_cast<float>(2 * grp.l2_weight),
+          static_cast<float>(bias_correction1), static_cast<float>(std::sqrt(bias_correction2)), grad_scale,
+          maximize, l2};
+  }
+}
 
-template <typename acc_t, typename Table>
+// Every function the kernel calls per chunk is inlined: across a real call (the ABI keeps few
+// registers), the chunk walk's state would be spilled.
+template <typename Table>
 __global__ void __launch_bounds__(kThreads)
 adamw_kernel(const __grid_constant__ Table table, const __grid_constant__ Args args) {
-  __shared__ int shared_tensor;
-  __shared__ Consts<float> shared_f;
-  __shared__ Consts<double> shared_d;
-  __shared__ bool is_last;
+  __shared__ Consts<float> consts_f;
+  __shared__ Consts<double> consts_d;
   const bool skip = args.found_inf != nullptr && *args.found_inf != 0.0f;
-  const int grad_kind = args.grad_kind_scaled ? kScaledGrad : kPlainGrad;
-  // Grid-stride over chunks: the grid size changes which block does a chunk, never the result.
-  for (int64_t chunk = blockIdx.x; chunk < args.nchunks; chunk += gridDim.x) {
-    if (threadIdx.x == 0) {  // the last tensor whose first chunk is <= this chunk, and its constants
-      int lo = 0, hi = args.ntensors - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (table.tensor(mid).first_chunk <= chunk) lo = mid; else hi = mid - 1;
-      }
-      shared_tensor = lo;
-      const TensorMeta& t = table.tensor(lo);
-      const GroupMeta& grp = table.group(t.group);
-      const double lr = grp.lr_ptr == nullptr ? grp.lr
-                        : grp.lr_is_double ? *static_cast<const double*>(grp.lr_ptr)
-                                           : static_cast<double>(*static_cast<const float*>(grp.lr_ptr));
-      const float step_count = *t.step + 1.0f;  // torch: steps += 1 (float32) before its kernel
-      const double bias_correction1 = 1 - std::pow(grp.beta1, static_cast<double>(step_count));
-      const double bias_correction2 = 1 - std::pow(grp.beta2, static_cast<double>(step_count));
-      const double grad_scale = args.grad_scale ? static_cast<double>(*args.grad_scale) : 1.0;
-      const bool maximize = (grp.flags & kMaximize) != 0, l2 = grp.l2_weight != 0;
-      if (t.dtype == kF64) {
-        shared_d = {lr, grp.beta1, grp.beta2, grp.eps, grp.weight_decay, 2 * grp.l2_weight, bias_correction1,
-                    std::sqrt(bias_correction2), grad_scale, maximize, l2};
-      } else {
-        shared_f = {lr, grp.beta1, grp.beta2, grp.eps, grp.weight_decay, static_cast<float>(2 * grp.l2_weight),
-                    static_cast<float>(bias_correction1), static_cast<float>(std::sqrt(bias_correction2)), grad_scale,
-                    maximize, l2};
-      }
+  const int grad_kind = args.scaled ? kScaledGrad : kPlainGrad;
+  int64_t consts_of = -1;  // first_chunk of the tensor whose constants are in shared memory
+  mt::for_each_chunk(table, args.ntensors, args.nchunks, [&](const TensorMeta& t, int64_t local, int64_t chunk) {
+    const GroupMeta& grp = group_of(args, t.group);
+    if (!skip && t.first_chunk != consts_of) {  // block-uniform: the next tensor in this block's range
+      __syncthreads();  // the previous tensor's chunks are done with the constants
+      if (threadIdx.x == 0) set_consts(t.step, t.dtype, grp, args, consts_f, consts_d);
+      __syncthreads();
+      consts_of = t.first_chunk;
     }
-    __syncthreads();
-    const TensorMeta& t = table.tensor(shared_tensor);
-    const GroupMeta& grp = table.group(t.group);
-    const int64_t per_chunk = args.chunk_bytes / elem_bytes(t.dtype);
-    const int64_t begin = (chunk - t.first_chunk) * per_chunk;
+    const int64_t per_chunk = args.chunk_bytes / mt::elem_bytes(t.dtype);
+    const int64_t begin = local * per_chunk;
     const int64_t n = min(per_chunk, t.numel - begin);
-    double acc;
+    double sum;
     switch (t.dtype) {
-      case kF64: acc = typed_chunk<double>(t, grp, begin, n, skip, grad_kind, shared_d); break;
-      case kF16: acc = typed_chunk<at::Half>(t, grp, begin, n, skip, grad_kind, shared_f); break;
-      case kBF16: acc = typed_chunk<at::BFloat16>(t, grp, begin, n, skip, grad_kind, shared_f); break;
-      default: acc = typed_chunk<float>(t, grp, begin, n, skip, grad_kind, shared_f);
+      case mt::kF64: sum = typed_chunk<double>(t, grp, begin, n, skip, grad_kind, consts_d); break;
+      case mt::kF16: sum = typed_chunk<at::Half>(t, grp, begin, n, skip, grad_kind, consts_f); break;
+      case mt::kBF16: sum = typed_chunk<at::BFloat16>(t, grp, begin, n, skip, grad_kind, consts_f); break;
+      default: sum = typed_chunk<float>(t, grp, begin, n, skip, grad_kind, consts_f);
     }
-    if (threadIdx.x == 0) args.partials[chunk] = grp.l2_weight * acc;
-    __syncthreads();  // shared_tensor and the constants are rewritten for the next chunk
+    if (threadIdx.x == 0) args.red.partials[chunk] = grp.l2_weight * sum;
+  });
+  // Every block has read its steps before it arrives: the last one may advance them.
+  double total;
+  if (!mt::last_block_total(args.red, args.nchunks, total)) return;
+  if (threadIdx.x == 0) {
+    if (args.out_double) *static_cast<double*>(args.out) = total;
+    else *static_cast<float*>(args.out) = static_cast<float>(total);
   }
-
-  if (threadIdx.x == 0) {  // release this block's partials and step reads; the last block acquires all
-    cuda::atomic_ref<unsigned int, cuda::thread_scope_device> done(*args.counter);
-    is_last = done.fetch_add(1u, cuda::memory_order_acq_rel) == gridDim.x - 1;
+  if (!skip) {  // zero-size params' steps too
+    for (int i = threadIdx.x; i < args.ntensors; i += kThreads) *table[i].step += 1.0f;
   }
-  __syncthreads();
-  if (!is_last) return;
-  double total = 0.0;
-  for (int64_t c = threadIdx.x; c < args.nchunks; c += kThreads) total += __ldcg(args.partials + c);
-  total = block_sum(total);
-  if (threadIdx.x == 0) *static_cast<acc_t*>(args.out) = static_cast<acc_t>(total);
-  if (!skip) {  // every block has read its steps: now they advance (zero-size params' too)
-    for (int i = threadIdx.x; i < args.ntensors; i += kThreads) *table.tensor(i).step += 1.0f;
-  }
-}
-
-int32_t dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default: return kF32;
-  }
-}
-
-template <typename acc_t, typename Table>
-void launch(const Table& table, const Args& args, int64_t grid, cudaStream_t stream) {
-  adamw_kernel<acc_t, Table><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(table, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename acc_t, int N>
-void launch_param_table(const std::vector<TensorMeta>& metas, const std::vector<GroupMeta>& groups, const Args& args,
-                        int64_t grid, cudaStream_t stream) {
-  ParamTable<N> table;
-  std::memcpy(table.t, metas.data(), metas.size() * sizeof(TensorMeta));
-  std::memcpy(table.g, groups.data(), groups.size() * sizeof(GroupMeta));
-  launch<acc_t>(table, args, grid, stream);
 }
 
 at::Tensor run_cuda(const AdamWPlan& plan) {
   const c10::cuda::CUDAGuard guard(plan.device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-  if (!capturing) release_buried();
 
-  // Chunks of a fixed number of param bytes, smaller when the total is small so that every SM gets work.
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t total_bytes = 0;
   for (const AdamWSegment& s : plan.segments) total_bytes += s.numel() * s.p.element_size();
-  int64_t chunk_bytes = kMaxChunkBytes;
-  while (chunk_bytes > kMinChunkBytes && total_bytes < chunk_bytes * 2 * sms) chunk_bytes /= 2;
-
+  mt::Chunks chunks{mt::chunk_bytes_for(total_bytes)};
   const int ntensors = static_cast<int>(plan.segments.size());
   std::vector<TensorMeta> metas(ntensors);
-  int64_t nchunks = 0;
   for (int i = 0; i < ntensors; ++i) {
     const AdamWSegment& s = plan.segments[i];
-    const int64_t per_chunk = chunk_bytes / s.p.element_size();
     metas[i] = {s.p.data_ptr(),
                 s.g.defined() ? s.g.data_ptr() : nullptr,
                 s.m.data_ptr(),
@@ -398,10 +319,9 @@ at::Tensor run_cuda(const AdamWPlan& plan) {
                 s.vmax.defined() ? s.vmax.data_ptr() : nullptr,
                 s.step.mutable_data_ptr<float>(),
                 s.numel(),
-                nchunks,
-                dtype_code(s.p.scalar_type()),
+                chunks.add(s.numel(), s.p.element_size()),
+                mt::dtype_code(s.p.scalar_type()),
                 s.group};
-    nchunks += (s.numel() + per_chunk - 1) / per_chunk;
   }
   std::vector<GroupMeta> groups(plan.groups.size());
   for (size_t k = 0; k < plan.groups.size(); ++k) {
@@ -411,53 +331,28 @@ at::Tensor run_cuda(const AdamWPlan& plan) {
                  g.lr_tensor.defined() && g.lr_tensor.scalar_type() == at::kDouble,
                  (g.amsgrad ? static_cast<int32_t>(kAmsgrad) : 0) | (g.maximize ? static_cast<int32_t>(kMaximize) : 0)};
   }
-  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(nchunks, static_cast<int64_t>(sms) * kBlocksPerSM));
 
-  // Device scratch: [device table, if any][counter, padded to 16 B][double partial x nchunks]
-  const bool in_params = ntensors <= kMaxParamTensors && groups.size() <= static_cast<size_t>(kInlineGroups);
-  const int64_t meta_bytes = ntensors * static_cast<int64_t>(sizeof(TensorMeta));
-  const int64_t table_bytes = in_params ? 0 : meta_bytes + static_cast<int64_t>(groups.size() * sizeof(GroupMeta));
-  const int64_t head_bytes = (table_bytes + 15) / 16 * 16 + 16;
-  const int64_t scratch_bytes = head_bytes + std::max<int64_t>(nchunks, 1) * static_cast<int64_t>(sizeof(double));
-  at::Tensor scratch = at::empty({scratch_bytes}, at::TensorOptions().dtype(at::kByte).device(plan.device));
-  uint8_t* base = scratch.data_ptr<uint8_t>();
   at::Tensor value = at::empty({}, at::TensorOptions().dtype(plan.acc_dtype()).device(plan.device));
-  const Args args{ntensors,
-                  nchunks,
-                  chunk_bytes,
-                  reinterpret_cast<unsigned int*>(base + head_bytes - 16),
-                  reinterpret_cast<double*>(base + head_bytes),
-                  value.data_ptr(),
-                  plan.grad_scale.defined() ? plan.grad_scale.const_data_ptr<float>() : nullptr,
-                  plan.found_inf.defined() ? plan.found_inf.const_data_ptr<float>() : nullptr,
-                  plan.grad_scale.defined()};
-
-  if (in_params) {
-    C10_CUDA_CHECK(cudaMemsetAsync(args.counter, 0, sizeof(unsigned int), stream));
-    auto go = [&](auto acc_tag) {
-      using acc_t = decltype(acc_tag);
-      if (ntensors <= kSmallTable) launch_param_table<acc_t, kSmallTable>(metas, groups, args, grid, stream);
-      else launch_param_table<acc_t, kMaxParamTensors>(metas, groups, args, grid, stream);
-    };
-    if (plan.any_double) go(double{}); else go(float{});
-    return value;
+  at::Tensor scratch, group_table;
+  Args args{};
+  args.ntensors = ntensors;
+  args.scaled = plan.grad_scale.defined();
+  args.nchunks = chunks.count;
+  args.chunk_bytes = chunks.chunk_bytes;
+  args.red = mt::reduction(chunks.count, plan.device, stream, scratch);
+  args.out = value.data_ptr();
+  args.out_double = plan.any_double;
+  args.grad_scale = plan.grad_scale.defined() ? plan.grad_scale.const_data_ptr<float>() : nullptr;
+  args.found_inf = plan.found_inf.defined() ? plan.found_inf.const_data_ptr<float>() : nullptr;
+  if (groups.size() <= static_cast<size_t>(kArgGroups)) {
+    std::memcpy(args.groups, groups.data(), groups.size() * sizeof(GroupMeta));
+  } else {  // as a long list's table: cached while unchanged, tied to the graph under capture
+    args.group_table = static_cast<const GroupMeta*>(mt::upload_table(
+        groups.data(), static_cast<int64_t>(groups.size() * sizeof(GroupMeta)), stream, capturing, group_table));
   }
-
-  // A long list: the table (and a zeroed counter) go to the device in one async copy from pinned
-  // memory, allocated in relaxed capture mode (the pinned allocator may query events).
-  at::Tensor host;
-  {
-    c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
-    host = at::empty({head_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  }
-  uint8_t* h = host.data_ptr<uint8_t>();
-  std::memset(h, 0, head_bytes);
-  std::memcpy(h, metas.data(), meta_bytes);
-  std::memcpy(h + meta_bytes, groups.data(), groups.size() * sizeof(GroupMeta));
-  scratch.narrow(0, 0, head_bytes).copy_(host, /*non_blocking=*/true);
-  if (capturing) tie_to_graph(std::move(host), stream);
-  const DeviceTable table{reinterpret_cast<const TensorMeta*>(base), reinterpret_cast<const GroupMeta*>(base + meta_bytes)};
-  if (plan.any_double) launch<double>(table, args, grid, stream); else launch<float>(table, args, grid, stream);
+  mt::with_table<TensorMeta, Args>(metas, stream, capturing, [&](const auto& table) {
+    mt::launch<&adamw_kernel<std::decay_t<decltype(table)>>>(table, args, args.nchunks, stream);
+  });
   return value;
 }
 

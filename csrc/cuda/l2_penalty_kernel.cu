@@ -22,10 +22,11 @@ namespace l2fast {
 namespace {
 
 using mt::kThreads;
+using mt::kBF16;
+using mt::kF16;
+using mt::kF64;
 
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
-
-enum DType : int32_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 
 struct TensorMeta {
   const void* p;  // null for GradMode::kZero
@@ -50,13 +51,6 @@ struct Args {
 };
 
 static_assert(mt::max_param_tensors<TensorMeta, Args>() == 672, "the README says 672");
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-__device__ __forceinline__ int elem_bytes(int32_t dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
 
 __device__ __forceinline__ float mul_add(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 __device__ __forceinline__ double mul_add(double a, double b, double c) { return __fma_rn(a, b, c); }
@@ -86,7 +80,7 @@ __device__ __noinline__ acc_t chunk_sum(const T* __restrict__ p, T* __restrict__
   } else {
     constexpr bool kWrites = MODE != GradMode::kNone;
     constexpr int V = 16 / sizeof(T);
-    using P = Pack<T, V>;
+    using P = mt::Pack<T, V>;
     acc_t acc[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) acc[k] = acc_t(0);
@@ -131,12 +125,7 @@ __device__ __noinline__ acc_t chunk_sum(const T* __restrict__ p, T* __restrict__
         visit<MODE>(p[i], kWrites ? g[i] : unused, scale, acc[i - groups * V]);
       }
     }
-#pragma unroll
-    for (int s = V / 2; s > 0; s /= 2) {
-#pragma unroll
-      for (int k = 0; k < s; ++k) acc[k] += acc[k + s];
-    }
-    return acc[0];
+    return mt::sum_lanes(acc);
   }
 }
 
@@ -173,7 +162,7 @@ l2_penalty_kernel(const __grid_constant__ Table table, const __grid_constant__ A
   const double grad_scale =
       args.scale * (args.grad_out ? static_cast<double>(*static_cast<const acc_t*>(args.grad_out)) : 1.0);
   mt::for_each_chunk(table, args.ntensors, args.nchunks, [&](const TensorMeta& m, int64_t local, int64_t chunk) {
-    const int64_t per_chunk = args.chunk_bytes / elem_bytes(m.dtype);
+    const int64_t per_chunk = args.chunk_bytes / mt::elem_bytes(m.dtype);
     const int64_t begin = local * per_chunk;
     const int64_t n = min(per_chunk, m.numel - begin);
     const double s = m.w * grad_scale;
@@ -197,23 +186,6 @@ l2_penalty_kernel(const __grid_constant__ Table table, const __grid_constant__ A
   }
 }
 
-int32_t dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default: return kF32;
-  }
-}
-
-template <typename acc_t, typename Table>
-void launch(const Table& table, const Args& args, cudaStream_t stream) {
-  constexpr auto kernel = &l2_penalty_kernel<acc_t, Table>;
-  const int64_t grid = mt::grid_for<kernel>(args.nchunks);
-  kernel<<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(table, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 at::Tensor run_cuda(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce) {
   const c10::cuda::CUDAGuard guard(plan.device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -221,35 +193,33 @@ at::Tensor run_cuda(const Plan& plan, double weight, const at::Tensor* grad_out,
 
   int64_t total_bytes = 0;
   for (const Segment& seg : plan.segments) total_bytes += seg.numel() * (seg.p.defined() ? seg.p : seg.g).element_size();
-  const int64_t chunk_bytes = mt::chunk_bytes_for(total_bytes);
+  mt::Chunks chunks{mt::chunk_bytes_for(total_bytes)};
 
   const int ntensors = static_cast<int>(plan.segments.size());
   std::vector<TensorMeta> metas(ntensors);
-  int64_t nchunks = 0;
   for (int i = 0; i < ntensors; ++i) {
     const Segment& seg = plan.segments[i];
     const at::Tensor& any = seg.p.defined() ? seg.p : seg.g;
-    const int64_t per_chunk = chunk_bytes / any.element_size();
     metas[i] = {seg.p.defined() ? seg.p.const_data_ptr() : nullptr, seg.g.defined() ? seg.g.mutable_data_ptr() : nullptr,
-                seg.numel(), nchunks, dtype_code(any.scalar_type()), seg.mode, seg.w};
-    nchunks += (seg.numel() + per_chunk - 1) / per_chunk;
+                seg.numel(), chunks.add(seg.numel(), any.element_size()), mt::dtype_code(any.scalar_type()), seg.mode,
+                seg.w};
   }
 
-  // Device scratch when reducing: [counter, padded to 16 B][double partial x nchunks], the counter zeroed.
   at::Tensor value, scratch;
-  Args args{ntensors, nchunks, chunk_bytes, {nullptr, nullptr}, nullptr, weight, 2.0 * weight,
+  Args args{ntensors, chunks.count, chunks.chunk_bytes, {nullptr, nullptr}, nullptr, weight, 2.0 * weight,
             grad_out ? grad_out->const_data_ptr() : nullptr};
   if (reduce) {
     value = at::empty({}, at::TensorOptions().dtype(plan.acc_dtype()).device(plan.device));
-    scratch = at::empty({16 + nchunks * static_cast<int64_t>(sizeof(double))},
-                        at::TensorOptions().dtype(at::kByte).device(plan.device));
-    uint8_t* base = scratch.data_ptr<uint8_t>();
-    args.red = {reinterpret_cast<unsigned int*>(base), reinterpret_cast<double*>(base + 16)};
+    args.red = mt::reduction(chunks.count, plan.device, stream, scratch);
     args.out = value.data_ptr();
-    C10_CUDA_CHECK(cudaMemsetAsync(args.red.counter, 0, sizeof(unsigned int), stream));
   }
   mt::with_table<TensorMeta, Args>(metas, stream, capturing, [&](const auto& table) {
-    if (plan.any_double) launch<double>(table, args, stream); else launch<float>(table, args, stream);
+    using Table = std::decay_t<decltype(table)>;
+    if (plan.any_double) {
+      mt::launch<&l2_penalty_kernel<double, Table>>(table, args, args.nchunks, stream);
+    } else {
+      mt::launch<&l2_penalty_kernel<float, Table>>(table, args, args.nchunks, stream);
+    }
   });
   return value;
 }

@@ -15,7 +15,8 @@
 //
 // A kernel using it: `template <typename Table> __global__ void k(const __grid_constant__ Table t,
 // const __grid_constant__ Args a)` calling for_each_chunk(t, ...) and, to reduce, last_block_total;
-// the host calls with_table(metas, ...) and grid_for<...>().
+// the host counts chunks with Chunks, allocates the partials with reduction(), and calls
+// with_table(metas, ...) and launch<k<Table>>(). Used by l2_penalty_kernel.cu and adamw_kernel.cu.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -40,6 +41,26 @@ namespace l2fast {
 namespace mt {
 
 constexpr int kThreads = 256;
+
+// A tensor's element type, as the per-tensor records carry it.
+enum DType : int32_t { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+inline int32_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return kF64;
+    case at::kHalf: return kF16;
+    case at::kBFloat16: return kBF16;
+    default: return kF32;
+  }
+}
+
+__host__ __device__ __forceinline__ int elem_bytes(int32_t dtype) { return dtype == kF64 ? 8 : dtype == kF32 ? 4 : 2; }
+
+// N elements loaded or stored with one 16-byte access.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
 
 // --- tables ------------------------------------------------------------------------------------
 
@@ -103,6 +124,18 @@ inline int64_t chunk_bytes_for(int64_t total_bytes) {
   return chunk;
 }
 
+// The chunks of a list, counted tensor by tensor in list order: add() returns a tensor's first chunk.
+struct Chunks {
+  int64_t chunk_bytes;  // chunk_bytes_for(the list's total bytes)
+  int64_t count = 0;
+
+  int64_t add(int64_t numel, int64_t element_size) {
+    const int64_t first = count, per_chunk = chunk_bytes / element_size;
+    count += (numel + per_chunk - 1) / per_chunk;
+    return first;
+  }
+};
+
 // Blocks of `kernel` resident per SM at kThreads threads, asked once per device.
 template <auto kernel>
 int blocks_per_sm(int device) {
@@ -128,6 +161,14 @@ int64_t grid_for(int64_t nchunks) {
   const int64_t limit = grid_limit();
   if (limit > 0) grid = std::min(grid, limit);
   return std::max<int64_t>(grid, 1);
+}
+
+// Launches `kernel` (one instantiation per table type) over grid_for<kernel>(nchunks) blocks.
+template <auto kernel, typename Table, typename Args>
+void launch(const Table& table, const Args& args, int64_t nchunks, cudaStream_t stream) {
+  const int64_t grid = grid_for<kernel>(nchunks);
+  kernel<<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(table, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // --- device side -----------------------------------------------------------------------------------
@@ -158,6 +199,17 @@ __device__ void for_each_chunk(const Table& table, int ntensors, int64_t nchunks
   }
 }
 
+// The sum of a thread's V accumulators, as a pairwise tree (V a power of two).
+template <int V, typename T>
+__device__ __forceinline__ T sum_lanes(T (&acc)[V]) {
+#pragma unroll
+  for (int s = V / 2; s > 0; s /= 2) {
+#pragma unroll
+    for (int k = 0; k < s; ++k) acc[k] += acc[k + s];
+  }
+  return acc[0];
+}
+
 // Sum over the block in a fixed order (shuffle tree, then the warps' sums); valid in thread 0.
 template <typename T>
 __device__ T block_sum(T v) {
@@ -179,6 +231,16 @@ struct Reduction {
   unsigned int* counter;
   double* partials;  // one per chunk, written by the block that computed it
 };
+
+// Device scratch for a reduction over `nchunks` chunks, held by `hold`: [counter, padded to 16 B]
+// [double partial x nchunks], the counter zeroed on `stream` before the launch.
+inline Reduction reduction(int64_t nchunks, c10::Device device, cudaStream_t stream, at::Tensor& hold) {
+  hold = at::empty({16 + nchunks * static_cast<int64_t>(sizeof(double))}, at::TensorOptions().dtype(at::kByte).device(device));
+  uint8_t* base = hold.data_ptr<uint8_t>();
+  const Reduction r{reinterpret_cast<unsigned int*>(base), reinterpret_cast<double*>(base + 16)};
+  C10_CUDA_CHECK(cudaMemsetAsync(r.counter, 0, sizeof(unsigned int), stream));
+  return r;
+}
 
 // Called by every block once all its partials are stored. Returns true in the last block to
 // arrive, with the sum of every chunk's partial in `total` (valid in thread 0): each thread adds

@@ -260,13 +260,63 @@ def _pool_in_use_after_release(ops, seconds=2.0):
     return ops.pinned_table_bytes(in_use=True)
 
 
+def captures_flat(step, n_captures, what):
+    """Captures step() in a graph, replays it and drops the graph, n_captures times: device memory,
+    torch's pinned host memory and l2fast's captured-table pool must stay flat, and every table a
+    graph held must be back in the pool once the graphs are gone. step() must capture at least one
+    device table (a list over the parameter table's size). Returns the check's detail."""
+    dev = _cuda()
+    ops = _internal()
+
+    def capture_replay_drop():
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        del out, graph
+
+    def measure():
+        torch.cuda.synchronize()
+        gc.collect()
+        held = _pool_in_use_after_release(ops)
+        return torch.cuda.memory_allocated(dev), _host_stats(), ops.pinned_table_bytes(), held
+
+    _warm_up(step)
+    for _ in range(10):  # the allocators reach their steady state
+        capture_replay_drop()
+    dev0, host0, pool0, held0 = measure()
+    for _ in range(n_captures):
+        capture_replay_drop()
+    dev1, host1, pool1, held1 = measure()
+    slack = 64 << 10
+    grew = []
+    if dev1 - dev0 > slack:
+        grew.append(f"device memory_allocated +{dev1 - dev0:,} B")
+    grew += [f"torch pinned {k} +{host1[k] - host0[k]:,} B" for k in host0
+             if k in host1 and host1[k] - host0[k] > slack]
+    # A graph holds a few tables of 64-128 KiB; a few graphs may await their release while the next
+    # captures run. Leaking them would add n_captures times that.
+    if pool1 - pool0 > 16 * slack:
+        grew.append(f"l2fast's captured-table pool +{pool1 - pool0:,} B")
+    if held1 > held0:
+        grew.append(f"{held1 - held0:,} B more of the pool held by graphs after every graph was destroyed")
+    if pool0 == 0:
+        grew.append("no captured table came from l2fast's pool (pinned_table_bytes() is 0)")
+    if grew:
+        raise CheckFailed(f"after {n_captures} capture/replay/drop cycles: {', '.join(grew)} "
+                          "(expected flat: tables tied to the graph's life, not the process's)")
+    pinned = (", torch pinned " + ", ".join(f"{k} {host1[k] - host0[k]:+,} B" for k in host0)) if host0 else \
+        " (this torch has no host_memory_stats)"
+    return (f"{n_captures} captures of {what}: device {dev1 - dev0:+,} B, captured-table "
+            f"pool {pool0:,} B -> {pool1:,} B, all returned{pinned}")
+
+
 def captures_memory_check(n_captures=200):
     """Tables of lists over 672 tensors captured in a graph come from l2fast's pinned pool and go back
     to it when the graph is destroyed; later captures reuse them. torch's host allocator, which held
     them before, never reuses a block recorded during capture: 200 captures grew by ~26 MB."""
     def fn(ctx):
         dev = _cuda()
-        ops = _internal()
         p6, p1k = _tensor_set(6, dev), _tensor_set(1000, dev)
         g6, g1k = [torch.zeros_like(p) for p in p6], [torch.zeros_like(p) for p in p1k]
 
@@ -275,47 +325,7 @@ def captures_memory_check(n_captures=200):
             return (ops.l2_penalty_(p6, g6, WEIGHT, []), ops.l2_penalty_(p1k, g1k, WEIGHT, []),
                     ops.l2_penalty(p1k, WEIGHT))
 
-        def capture_replay_drop():
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = step()
-            graph.replay()
-            del out, graph
-
-        def measure():
-            torch.cuda.synchronize()
-            gc.collect()
-            held = _pool_in_use_after_release(ops)
-            return torch.cuda.memory_allocated(dev), _host_stats(), ops.pinned_table_bytes(), held
-
-        _warm_up(step)
-        for _ in range(10):  # the allocators reach their steady state
-            capture_replay_drop()
-        dev0, host0, pool0, held0 = measure()
-        for _ in range(n_captures):
-            capture_replay_drop()
-        dev1, host1, pool1, held1 = measure()
-        slack = 64 << 10
-        grew = []
-        if dev1 - dev0 > slack:
-            grew.append(f"device memory_allocated +{dev1 - dev0:,} B")
-        grew += [f"torch pinned {k} +{host1[k] - host0[k]:,} B" for k in host0
-                 if k in host1 and host1[k] - host0[k] > slack]
-        # Each graph holds two 64 KiB tables; a few graphs may await their release while the next
-        # captures run. Leaking them would add 200 x 128 KiB.
-        if pool1 - pool0 > 16 * slack:
-            grew.append(f"l2fast's captured-table pool +{pool1 - pool0:,} B")
-        if held1 > held0:
-            grew.append(f"{held1 - held0:,} B more of the pool held by graphs after every graph was destroyed")
-        if pool0 == 0:
-            grew.append("no captured table came from l2fast's pool (pinned_table_bytes() is 0)")
-        if grew:
-            raise CheckFailed(f"after {n_captures} capture/replay/drop cycles: {', '.join(grew)} "
-                              "(expected flat: tables tied to the graph's life, not the process's)")
-        pinned = (", torch pinned " + ", ".join(f"{k} {host1[k] - host0[k]:+,} B" for k in host0)) if host0 else \
-            " (this torch has no host_memory_stats)"
-        return (f"{n_captures} captures of 6- and 1,000-tensor calls: device {dev1 - dev0:+,} B, captured-table "
-                f"pool {pool0:,} B -> {pool1:,} B, all returned{pinned}")
+        return captures_flat(step, n_captures, "6- and 1,000-tensor calls")
 
     return Check(f"cuda {n_captures} captures, memory flat", fn, "cuda", estimate=8.0)
 

@@ -1,6 +1,8 @@
 """Checks of l2fast.optim.AdamW (the penalty inside the AdamW step): every step against float64, parity
-with torch's fused AdamW, GradScaler's inf skip, determinism; on CUDA one launch per step, no host
-sync, CUDA-graph capture and replay, and the bandwidth at 1e8 values (a benchmark)."""
+with torch's fused AdamW, GradScaler's inf skip, determinism; on CUDA one launch per step (every table
+size), no host sync, CUDA-graph capture and replay, 200 captures with memory flat, bits independent of
+the grid and alignment, the value's accuracy on constant values, and the bandwidth at 1e8 values (a
+benchmark)."""
 import math
 
 import torch
@@ -28,9 +30,11 @@ def adamw_reference(p, g, m, v, vmax, step, *, lr, betas, eps, weight_decay, l2_
         g = g / grad_scale
     if maximize:
         g = -g
-    g = g + 2 * l2_weight * p
+    pen = 2 * l2_weight * p
+    size = g.abs() + pen.abs()  # g and 2·w·p may cancel: an error in either is relative to its own size
+    g = g + pen
     b1, b2 = betas
-    bounds = {"m": (b1 * m).abs() + ((1 - b1) * g).abs(), "v": b2 * v + (1 - b2) * g * g}
+    bounds = {"m": (b1 * m).abs() + (1 - b1) * size, "v": b2 * v + (1 - b2) * size * size}
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
     bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
@@ -82,6 +86,28 @@ def _optimizer(groups, device, start, states, **kwargs):
 
 # --- every step against float64 ------------------------------------------------------------------
 
+def _check_step(opt, cases, hyper, step, what, device):
+    """After step `step` of `opt`: every param and its state against float64 (cases: (param, group,
+    p, g, m, v, vmax) as they were before the step), and the penalty. Returns the penalty's error as a
+    fraction of its tolerance."""
+    total = 0.0
+    for param, k, p, g, m, v, vmax in cases:
+        want = adamw_reference(p, g, m, v, vmax, step, **hyper[k])
+        total += want[4]
+        st = opt.state[param]
+        where = f"{what}: {refs.dtype_name(p.dtype)} {list(p.shape)} group {k}"
+        bounds = want[5]
+        close_to(f"{where} param", param.detach(), want[0], p.dtype, bounds["p"])
+        close_to(f"{where} exp_avg", st["exp_avg"], want[1], p.dtype, bounds["m"])
+        close_to(f"{where} exp_avg_sq", st["exp_avg_sq"], want[2], p.dtype, bounds["v"])
+        if want[3] is not None:
+            close_to(f"{where} max_exp_avg_sq", st["max_exp_avg_sq"], want[3], p.dtype, want[3].abs())
+        if st["step"].item() != step or (param.grad is None) != (g is None):
+            raise CheckFailed(f"{where}: step {st['step'].item()} (expected {step}), grad "
+                              f"{'missing' if param.grad is None else 'present'}")
+    return check_value(f"{what} penalty", opt.penalty, total, [c[0] for c in cases], device)
+
+
 def values_check(device):
     def fn(ctx):
         dev = torch.device(device)
@@ -109,24 +135,8 @@ def values_check(device):
             order = [c for k in range(len(hyper)) for c in cases if c[1] == k]
             opt, _ = _optimizer(groups, dev, 4, [(m, v, vmax) for _, _, _, _, m, v, vmax in order])
             opt.step()
-            total = 0.0
-            for param, k, p, g, m, v, vmax in order:
-                want = adamw_reference(p, g, m, v, vmax, 5, **hyper[k])
-                total += want[4]
-                st = opt.state[param]
-                what = f"{refs.dtype_name(dtype)} {list(p.shape)} group {k}"
-                bounds = want[5]
-                close_to(f"{what} param", param.detach(), want[0], dtype, bounds["p"])
-                close_to(f"{what} exp_avg", st["exp_avg"], want[1], dtype, bounds["m"])
-                close_to(f"{what} exp_avg_sq", st["exp_avg_sq"], want[2], dtype, bounds["v"])
-                if want[3] is not None:
-                    close_to(f"{what} max_exp_avg_sq", st["max_exp_avg_sq"], want[3], dtype, want[3].abs())
-                if st["step"].item() != 5 or (param.grad is None) != (g is None):
-                    raise CheckFailed(f"{what}: step {st['step'].item()} (expected 5), grad "
-                                      f"{'missing' if param.grad is None else 'present'}")
-                checked += 1
-            worst = max(worst, check_value(f"{refs.dtype_name(dtype)} penalty", opt.penalty, total,
-                                           [c[0] for c in cases], dev))
+            checked += len(order)
+            worst = max(worst, _check_step(opt, order, hyper, 5, f"{refs.dtype_name(dtype)} list", dev))
         return f"{checked} params (4 dtypes, 3 groups: amsgrad, maximize, decay, L2 weights, a missing grad) " \
                f"against float64; penalty within {worst:.2f} of its tolerance"
 
@@ -367,6 +377,177 @@ def graph_check():
     return Check("cuda optim graph capture and replay", fn, "cuda")
 
 
+def _hyper(k):
+    """Group k's hyperparameters (k = 0, 1, ...): amsgrad, maximize, decay and L2 weight vary."""
+    return dict(lr=LR / (k + 1), betas=(0.9 - 0.02 * (k % 3), 0.999 - 0.005 * (k % 2)), eps=1e-8,
+                weight_decay=0.1 * (k % 2), l2_weight=[0.37, 0.0, 1.5][k % 3], amsgrad=k % 2 == 1,
+                maximize=k % 4 == 3)
+
+
+def _groups(params, n_groups):
+    """params spread over n_groups groups (param i in group i % n_groups); returns (groups, hyper)."""
+    hyper = [_hyper(k) for k in range(n_groups)]
+    groups = [{"params": params[k::n_groups], "weight": h["l2_weight"],
+               **{key: x for key, x in h.items() if key != "l2_weight"}} for k, h in enumerate(hyper)]
+    return groups, hyper
+
+
+def table_sizes_check():
+    """Every table the launch picks: per-tensor records as a kernel parameter of 32, 64, 128, 256 or
+    448 entries, a device table beyond; the groups in the arguments up to 4, a device table beyond.
+    Each at its boundaries, against float64, with the launched kernel's table type checked."""
+    def fn(ctx):
+        from torch.profiler import ProfilerActivity, profile
+
+        from .checks_cuda import _device_events
+
+        dev = _cuda()
+        dtypes = (torch.float32, torch.float16, torch.bfloat16)
+        worst, names = 0.0, []
+        lists = [(n, 1) for n in (31, 32, 33, 64, 65, 128, 129, 256, 257, 448, 449, 1500)] + [(100, 6), (1500, 6)]
+        for n, n_groups in lists:
+            shapes = [(1 + (7 * i) % 699,) for i in range(n)]
+            states = [_state(s, dtypes[i % 3], dev, 13 * n + i, _hyper(i % n_groups)["amsgrad"])
+                      for i, s in enumerate(shapes)]
+            params = [torch.nn.Parameter(p.clone()) for p, *_ in states]
+            for param, (_, g, *_) in zip(params, states):
+                param.grad = g.clone()
+            groups, hyper = _groups(params, n_groups)
+            order = [(params[i], i % n_groups, *states[i]) for k in range(n_groups) for i in range(k, n, n_groups)]
+            opt, _ = _optimizer(groups, dev, 2, [(m, v, vmax) for *_, m, v, vmax in order])
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                opt.step()
+                torch.cuda.synchronize()
+            kernels, _, _ = _device_events(prof)
+            table = next((k for k in kernels if "adamw_kernel" in k), "")
+            size = next((m for m in (32, 64, 128, 256, 448) if n <= m), None)
+            expected = ("DeviceTable",) if size is None else (f"TensorMeta, {size}>", f"TensorMetaELi{size}E")
+            if "Table" in table and not any(e in table for e in expected):
+                raise CheckFailed(f"{n} tensors launched {table!r}; expected the table {expected[0]!r}")
+            names.append(f"{n} tensors, {n_groups} groups: {table or 'no kernel name recorded'}")
+            worst = max(worst, _check_step(opt, order, hyper, 3, f"{n} tensors in {n_groups} groups", dev))
+        return (f"{len(lists)} lists of 31..1,500 tensors in 1 or 6 groups across every table size: every param "
+                f"and state against float64, penalty within {worst:.2f} of its tolerance"), "\n".join(names)
+
+    return Check("cuda optim every table size", fn, "cuda", estimate=4.0)
+
+
+def captures_check(n_captures=200):
+    """AdamW steps captured in graphs: the tables of a long list (1,000 tensors in 6 groups: the
+    tensor table and the group table on the device) come from l2fast's capture pool and go back to it
+    when the graph is destroyed, as the penalty's do; before, every captured step's pinned table was
+    held for the life of the process."""
+    def fn(ctx):
+        from ..optim import AdamW
+        from .checks_cuda import captures_flat
+
+        dev = _cuda()
+        groups, _ = _groups(_model_params(1000, dev), 6)
+        opt = AdamW(groups, capturable=True)
+        return captures_flat(opt.step, n_captures, "AdamW steps over 1,000 tensors in 6 groups")
+
+    return Check(f"cuda optim {n_captures} captures, memory flat", fn, "cuda", estimate=10.0)
+
+
+def bits_check():
+    """The step's bits (params, moments, unscaled grads, the value) depend on the values and the
+    list, not on the grid (set by the GPU's SM count and occupancy, here forced to 1..97 blocks) nor
+    on where the tensors sit (9 element offsets, another for each of param, grad and state)."""
+    def fn(ctx):
+        from ..optim import AdamW
+        from .checks_cuda import _internal
+
+        internal = _internal()
+        dev = _cuda()
+        shapes = [((3_000_001,), torch.float32), ((70_001,), torch.float16), ((1025,), torch.bfloat16),
+                  ((4097,), torch.float64), ((5,), torch.float32)] + [((1 + k % 50,), torch.float32)
+                                                                      for k in range(700)]
+        n_groups = 6
+        states = [_state(s, dt, "cpu", 300 + 7 * i, _hyper(i % n_groups)["amsgrad"]) for i, (s, dt) in enumerate(shapes)]
+
+        def place(t, offset):
+            buf = torch.zeros(t.numel() + 16, dtype=t.dtype, device=dev)
+            return buf[offset:offset + t.numel()].view(t.shape).copy_(t)
+
+        def run(offset):
+            params = [torch.nn.Parameter(place(p, offset)) for p, *_ in states]
+            for param, (_, g, *_) in zip(params, states):
+                param.grad = place(g * 4, (3 * offset + 1) % 9)
+            groups, _ = _groups(params, n_groups)
+            opt = AdamW(groups)
+            opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=dev), torch.tensor(0.0, device=dev)
+            for i, param in enumerate(params):
+                _, _, m, v, vmax = states[i]
+                st = opt.state[param]
+                st.update(step=torch.tensor(3.0, device=dev), exp_avg=place(m, (offset + 2) % 9),
+                          exp_avg_sq=place(v, (offset + 5) % 9))
+                if vmax is not None:
+                    st["max_exp_avg_sq"] = place(vmax, (offset + 7) % 9)
+            opt.step()
+            out = [opt.penalty]
+            for param in params:
+                out += [param.detach(), param.grad] + [t for t in opt.state[param].values()]
+            return [t.cpu() for t in out]
+
+        def same(a, b):
+            return all(refs.bit_equal(x, y) for x, y in zip(a, b))
+
+        base = run(0)
+        for limit in (1, 2, 7, 97):
+            previous = internal.set_grid_limit(limit)
+            try:
+                got = run(0)
+            finally:
+                internal.set_grid_limit(previous)
+            if not same(base, got):
+                raise CheckFailed(f"a grid of at most {limit} blocks changed the bits")
+        for offset in range(1, 9):
+            if not same(base, run(offset)):
+                raise CheckFailed(f"params at element offset {offset} (grads and state at others) changed the bits")
+        return (f"{len(shapes)} tensors (4 dtypes, 6 groups: device tables) with GradScaler: bit-identical params, "
+                "state, unscaled grads and value over grids of 1..97 blocks and 9 element offsets")
+
+    return Check("cuda optim bits independent of grid and alignment", fn, "cuda", estimate=4.0)
+
+
+def accuracy_check():
+    """The step's penalty value keeps the penalty ops' promise: constant values (the worst case for
+    float32 running sums) within 1e-6 relative of float64 up to 10^8 float32 values, float16 and
+    bfloat16 too, in a step and in a step GradScaler skips."""
+    def fn(ctx):
+        from ..optim import AdamW
+        from .checks_cuda import _exact_constant
+
+        dev = _cuda()
+        cases = [(torch.float32, 10**8, 0.5025), (torch.float32, 10_000_000, 8.4107),
+                 (torch.float32, 1_000_003, 7.77), (torch.float16, 10_000_019, 0.497),
+                 (torch.bfloat16, 10_000_019, 0.497), (torch.float16, 3_000_017, 0.5025)]
+        worst = 0.0
+        for dtype, n, v in cases:
+            for skip in (False, True):
+                try:
+                    param = torch.nn.Parameter(torch.full((n,), v, device=dev, dtype=dtype))
+                    opt = AdamW([param], lr=LR, l2_weight=1.0)
+                    if skip:
+                        opt.grad_scale = torch.tensor(1.0, device=dev)
+                        opt.found_inf = torch.tensor(1.0, device=dev)
+                    opt.step()
+                except torch.OutOfMemoryError:
+                    raise Skip(f"not enough GPU memory for {n:,} values") from None
+                expected = _exact_constant(v, n, dtype)
+                err = abs(opt.penalty.item() - expected) / expected
+                if not err <= 1e-6:
+                    raise CheckFailed(f"{'skipped ' if skip else ''}step over {n:,} {refs.dtype_name(dtype)} values "
+                                      f"all {v!r}: penalty {opt.penalty.item()!r}, exactly {expected!r} "
+                                      f"(relative error {err:.2e} > 1e-6)")
+                worst = max(worst, err)
+                del param, opt
+        return (f"{2 * len(cases)} steps (found_inf 0 and 1) over constant tensors up to 10^8 values (float32, "
+                f"float16, bfloat16): worst relative error {worst:.1e}")
+
+    return Check("cuda optim accuracy on constant values", fn, "cuda", estimate=3.0)
+
+
 def bandwidth_check():
     def fn(ctx):
         from ..bench.timing import compare
@@ -403,5 +584,6 @@ def checks(device):
 def cuda_checks():
     from .checks_proc import bench_check
 
-    return [one_launch_check(), no_sync_check(), graph_check(), bandwidth_check(),
+    return [one_launch_check(), table_sizes_check(), no_sync_check(), graph_check(), captures_check(), bits_check(),
+            accuracy_check(), bandwidth_check(),
             bench_check("cuda bench optim", ["optim", "--device", "cuda", "--sizes", "mlp,1M,10M,100M"])]

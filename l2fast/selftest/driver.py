@@ -5,7 +5,10 @@ weights, a CUDA graph replay and two streams, each checked against float64 (exit
 what the small cases never reach: a ~20 MB tensor (64 KB chunks, so the kernel's unrolled 4x16-byte
 loop runs) with a view of it at an odd element offset (element loads), beside 1,500 one-element
 tensors (more chunks than blocks: every block walks on to further chunks, reusing its shared
-memory), in float32, float16 and bfloat16, in every mode.
+memory), in float32, float16 and bfloat16, in every mode. l2fast.optim.AdamW likewise: the
+self-test's step against float64 (4 dtypes, 3 groups), and the same big, odd and one-element params
+in 6 groups (device tensor and group tables; blocks rewrite their shared constants tensor after
+tensor) with GradScaler, a step and a skipped one.
 Small otherwise: under racecheck every shared-memory access is tracked.
 """
 import os
@@ -58,10 +61,69 @@ def main_loop_and_walk(dev, ref):
             refs.check_grad_update(f"autograd ({dtype}, part {k})", g, None, t, 2 * w, ref)
 
 
+def adamw_walk(dev):
+    """One AdamW step (grads scaled by 2, unscaled in the step) and one GradScaler skips, over a ~20 MB
+    param, a view at an odd element offset (group 0) and 1,500 one-element params in groups 1..5
+    (every param's state a view of one buffer); checked per group through the buffers."""
+    from ..optim import AdamW
+    from . import refs
+    from .checks_optim import _hyper, adamw_reference, close_to
+    from .runner import CheckFailed
+
+    for d, dtype in enumerate((torch.float32, torch.bfloat16)):
+        n = BIG_BYTES // torch.tensor([], dtype=dtype).element_size()
+        hyper = [_hyper(k) for k in range(6)]
+        parts = [(n,), (n // 2 + 1,), (N_ONES,)]  # big, odd (from element 1 on), ones
+        bufs = {key: [refs.randn(s, dtype, dev, 60 + 10 * d + 3 * i + j) * scale for i, s in enumerate(parts)]
+                for j, (key, scale) in enumerate((("p", 1.0), ("g", 2e-2), ("m", 1e-3)))}
+        bufs["v"] = [b.abs() * 0.1 for b in bufs["m"]]
+        bufs["vmax"] = [b * 1.5 for b in bufs["v"]]
+        views = {key: [b[0], b[1][1:], *b[2].split(1)] for key, b in bufs.items()}
+        before = {key: [t.clone() for t in ts] for key, ts in views.items() if key != "g"}
+        before["g"] = [t / 2 for t in views["g"]]
+        params = [torch.nn.Parameter(t) for t in views["p"]]
+        members = [[0, 1]] + [[2 + i for i in range(k, N_ONES, 5)] for k in range(5)]
+        groups = [{"params": [params[i] for i in idx], "weight": h["l2_weight"],
+                   **{key: x for key, x in h.items() if key != "l2_weight"}} for idx, h in zip(members, hyper)]
+        opt = AdamW(groups)
+        for k, idx in enumerate(members):
+            for i in idx:
+                params[i].grad = views["g"][i]
+                st = opt.state[params[i]]
+                st.update(step=torch.tensor(3.0, device=dev), exp_avg=views["m"][i], exp_avg_sq=views["v"][i])
+                if hyper[k]["amsgrad"]:
+                    st["max_exp_avg_sq"] = views["vmax"][i]
+        opt.grad_scale, opt.found_inf = torch.tensor(2.0, device=dev), torch.tensor(0.0, device=dev)
+        opt.step()
+        total = 0.0
+        for k, idx in enumerate(members):
+            def cat(key, ts=None):
+                return torch.cat([(views if ts is None else ts)[key][i].flatten() for i in idx])
+            want = adamw_reference(cat("p", before), cat("g", before), cat("m", before), cat("v", before),
+                                   cat("vmax", before) if hyper[k]["amsgrad"] else None, 4, **hyper[k])
+            total += want[4]
+            what = f"AdamW {refs.dtype_name(dtype)} group {k}"
+            close_to(f"{what} param", cat("p"), want[0], dtype, want[5]["p"])
+            close_to(f"{what} exp_avg", cat("m"), want[1], dtype, want[5]["m"])
+            close_to(f"{what} exp_avg_sq", cat("v"), want[2], dtype, want[5]["v"])
+            close_to(f"{what} unscaled grad", cat("g"), cat("g", before).double(), dtype, cat("g", before).double().abs())
+            if want[3] is not None:
+                close_to(f"{what} max_exp_avg_sq", cat("vmax"), want[3], dtype, want[3].abs())
+        refs.check_value(f"AdamW {refs.dtype_name(dtype)} penalty", opt.penalty, total, params, dev)
+        after = [b.clone() for key in ("p", "m", "v") for b in bufs[key]]
+        opt.found_inf.fill_(1.0)
+        opt.step()
+        refs.check_value(f"AdamW {refs.dtype_name(dtype)} penalty, step skipped", opt.penalty,
+                         sum(h["l2_weight"] * sum((views["p"][i].double() ** 2).sum().item() for i in idx)
+                             for h, idx in zip(hyper, members)), params, dev)
+        if not all(refs.bit_equal(a, b) for a, b in zip(after, [b for key in ("p", "m", "v") for b in bufs[key]])):
+            raise CheckFailed(f"AdamW {refs.dtype_name(dtype)}: a step GradScaler skipped wrote")
+
+
 def main(argv=None):
     import l2fast  # noqa: F401  (registers the ops)
 
-    from . import checks_ops, refs
+    from . import checks_ops, checks_optim, refs
     from .checks_cuda import graph_check
     from .runner import Context, Skip
 
@@ -93,6 +155,8 @@ def main(argv=None):
     refs.check_grad_update("1,000 tensors' grads", torch.cat(grads), torch.where(kept, flat_g, 0), flat_p,
                            2 * refs.WEIGHT, ref)
     main_loop_and_walk(dev, ref)
+    checks_optim.values_check(device).fn(ctx)
+    adamw_walk(dev)
     if device == "cpu":
         print("selftest driver: ok", flush=True)
         return 0
