@@ -76,12 +76,15 @@ def accuracies(out):
     return [float(a) for a in re.findall(r"test accuracy (\d+\.\d+)%", out)]
 
 
-def test_the_readme_example_is_the_plain_loop_file():
-    # The README's inline Python is an excerpt of examples/plain_loop.py, copied, not retyped.
+def test_the_readme_examples_are_excerpts_of_the_example_files():
+    # The README's inline Python is copied from examples/, not retyped: the loop from plain_loop.py,
+    # then the optimizer that replaces L2Penalty from fused_adamw.py.
     blocks = code_blocks(ROOT / "README.md", "python")
-    assert blocks, "README.md shows no Python example"
-    source = (ROOT / "examples" / "plain_loop.py").read_text()
-    assert blocks[0] in source, "README.md's Python example is not a verbatim excerpt of examples/plain_loop.py"
+    files = ["plain_loop.py", "fused_adamw.py"]
+    assert len(blocks) == len(files), f"README.md shows {len(blocks)} Python examples; expected one from each of {files}"
+    for block, name in zip(blocks, files):
+        source = (ROOT / "examples" / name).read_text()
+        assert block in source, f"a Python example of README.md is not a verbatim excerpt of examples/{name}:\n{block}"
 
 
 def plain_loop(out):
@@ -98,6 +101,14 @@ def ddp(out):
     assert accuracies(out)[0] > 80, out
 
 
+def fused_adamw(out):
+    assert ("weight 0.0001: layers.1.weight, layers.3.weight, layers.5.weight\n"
+            "weight 0: layers.1.bias, layers.3.bias, layers.5.bias\n") in out, out
+    penalties = [float(v) for v in re.findall(r"\+ l2 (\d+\.\d+),", out)]
+    assert len(penalties) == 2 and all(v > 0 for v in penalties), out  # optimizer.penalty after each epoch
+    assert len(accuracies(out)) == 2 and accuracies(out)[-1] > 80, out
+
+
 def fsdp(out):
     values = re.search(r"2 ranks: l2 (\S+), (\S+) \(one per rank\)", out)
     assert values and values[1] == values[2], out
@@ -108,9 +119,9 @@ def fsdp(out):
 EXAMPLES = {
     "python examples/plain_loop.py": plain_loop,
     "python examples/decay_groups.py": decay_groups,
+    "python examples/fused_adamw.py": fused_adamw,
     "torchrun --standalone --nproc_per_node=2 examples/ddp.py": ddp,
     "torchrun --standalone --nproc_per_node=2 examples/fsdp.py": fsdp,
-    # The fused optimizer's example (examples/fused_adamw.py) goes here.
 }
 
 
