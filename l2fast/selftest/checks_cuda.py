@@ -3,7 +3,6 @@ debug mode, and timed against a sleeping GPU), CUDA graphs, memory across captur
 grids and alignments, accuracy on constant values, scales beyond float32, streams x threads, and a
 tensor of more than 2^31 elements."""
 import gc
-import math
 import threading
 import time
 
@@ -70,6 +69,18 @@ def _device_events(prof):
         else:
             kernels.append(e.name)
     return kernels, copies, sets
+
+
+def launched_table(prof, kernel, sizes, n):
+    """The name of the `kernel` the profiler saw, checked to carry the parameter table for n tensors:
+    the smallest of `sizes` that holds them, else the device table."""
+    table = next((k for k in _device_events(prof)[0] if kernel in k), "")
+    size = next((m for m in sizes if n <= m), None)
+    # the name as the profiler gives it: demangled, or not
+    expected = ("DeviceTable",) if size is None else (f"TensorMeta, {size}>", f"TensorMetaELi{size}E")
+    if "Table" in table and not any(e in table for e in expected):
+        raise CheckFailed(f"{n} tensors launched {table!r}; expected the table {expected[0]!r}")
+    return table
 
 
 def one_launch_check():
@@ -569,13 +580,7 @@ def table_sizes_check():
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 value = torch.ops.l2fast.l2_penalty_(params, grads, WEIGHT, [0])
                 torch.cuda.synchronize()
-            kernels, _, _ = _device_events(prof)
-            table = next((k for k in kernels if "l2_penalty_kernel" in k), "")
-            size = next((m for m in (32, 64, 128, 256, 672) if n <= m), None)
-            # the name as the profiler gives it: demangled, or not
-            expected = ("DeviceTable",) if size is None else (f"TensorMeta, {size}>", f"TensorMetaELi{size}E")
-            if "Table" in table and not any(e in table for e in expected):
-                raise CheckFailed(f"{n} tensors launched {table!r}; expected the table {expected[0]!r}")
+            table = launched_table(prof, "l2_penalty_kernel", (32, 64, 128, 256, 672), n)
             names.append(f"{n}: {table or 'no kernel name recorded'}")
             try:
                 worst = max(worst, check_value("l2_penalty_", value, WEIGHT * ref.sq_norm(params), params, dev))
