@@ -79,3 +79,10 @@ def test_help_speaks_about_the_project_not_how_it_was_made(tmp_path, args):
     assert done.returncode == 0, done.stderr
     found = re.findall(r"(?i)\b(?:issue|round)s? \d+", done.stdout)
     assert not found, f"{' '.join(args)} --help mentions {found}"
+
+
+@pytest.mark.parametrize("bench", ["penalty", "optim", "train", "infer"])
+def test_bench_subcommand_help_imports_no_torch(tmp_path, bench):
+    done = run_python(["-m", "l2fast.bench", bench, "--help"], cwd=tmp_path, block_torch=True)  # `import torch` fails
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: python -m l2fast.bench {bench} "), done.stdout[:200]

@@ -16,14 +16,13 @@ seed MLP's size optim <= 0.35x fused.
 """
 import sys
 
-import torch
-
 import l2fast
-from l2fast import engine
+from l2fast import _cli
 from l2fast.bench.penalty import SIZES, kernel_device, make_params
-from l2fast.bench.timing import compare
 from l2fast.errors import UsageError
-from l2fast.optim import AdamW
+
+# imported on first use: `--help` and option errors cost no torch import
+torch, engine, timing, l2optim = map(_cli.LazyModule, ("torch", "l2fast.engine", "l2fast.bench.timing", "l2fast.optim"))
 
 WEIGHT = 1e-4
 LR = 1e-4
@@ -70,7 +69,7 @@ def methods_for(params):
     if "seed" in params:
         seed_opt = torch.optim.AdamW(params["seed"], lr=LR)
         methods["seed"] = lambda: seed_step(params["seed"], seed_opt)
-    ours = AdamW(params["optim"], lr=LR, l2_weight=WEIGHT)
+    ours = l2optim.AdamW(params["optim"], lr=LR, l2_weight=WEIGHT)
     methods["optim"] = ours.step
     return methods, ours
 
@@ -153,7 +152,7 @@ def run(args):
                 methods, _ = methods_for(params)
                 for fn in methods.values():  # state made, caches filled
                     fn()
-                t = compare(methods, rounds=args.rounds)
+                t = timing.compare(methods, rounds=args.rounds)
                 numel = sum(p.numel() for p in params["optim"])
                 row = [t["optim"] / t["fused"], t["optim"] / t["L2Penalty"], t["seed"] / t["optim"]]
                 print(f"| {numel:,} | {len(params['optim'])} | {count} | "

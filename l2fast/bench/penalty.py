@@ -14,12 +14,12 @@ from 10M values, and at least 3x faster than foreach up to 1M values.
 """
 import sys
 
-import torch
-
 import l2fast
-from l2fast.bench.timing import compare
+from l2fast import _cli
 from l2fast.errors import UsageError
-from l2fast.model import MLP
+
+# imported on first use: `--help` and option errors cost no torch import
+torch, timing, model = map(_cli.LazyModule, ("torch", "l2fast.bench.timing", "l2fast.model"))
 
 WEIGHT = 1e-4
 # Peak bytes per float32 value at one size: params and grads (8), the copy's source and destination
@@ -36,7 +36,7 @@ def make_params(size, device, n_tensors, seed=0):
     log-uniformly varying sizes (like a real model: large matrices and small vectors)."""
     torch.manual_seed(seed)
     if size is None:
-        return [p.detach().to(device).requires_grad_() for p in MLP().parameters()]
+        return [p.detach().to(device).requires_grad_() for p in model.MLP().parameters()]
     if not 1 <= n_tensors <= size:
         raise ValueError(f"{n_tensors} tensors for {size} values: expected 1 to {size} tensors")
     weights = torch.rand(n_tensors, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).mul(8).exp()
@@ -183,7 +183,7 @@ def run(args):
     for size in sizes:
         params = make_params(SIZES[size], device, args.tensors)
         errors = check_agreement(params, device)
-        t = compare(methods_for(params, device, with_compile), rounds=args.rounds)
+        t = timing.compare(methods_for(params, device, with_compile), rounds=args.rounds)
         numel = sum(p.numel() for p in params)
         ratios = [t["L2Penalty"] / t["copy"], t["fused"] / t["copy"], t["foreach"] / t["L2Penalty"],
                   t["seed"] / t["L2Penalty"]]

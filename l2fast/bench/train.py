@@ -19,17 +19,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from .. import _cli, engine
+from .. import _cli
 from .._io import atomic_write_text
 from ..data import load_dataset
 from ..errors import UsageError
 from ..idx import write_idx
-from ..model import MLP
+from ..choices import ADAMW_IMPLS, PENALTIES
 from ..train import DEFAULT_L2_WEIGHT, MAX_BATCH_SIZE
-from .timing import interleaved, time_call
+
+# imported on first use: `--help` and option errors cost no torch import
+torch, engine, model, timing = map(_cli.LazyModule, ("torch", "l2fast.engine", "l2fast.model", "l2fast.bench.timing"))
 
 FULL_TRAIN_SIZE = 60_000
 RECIPE_STEPS = 5 * 938  # 5 epochs of ceil(60,000 / 64) steps
@@ -45,9 +45,9 @@ def add_arguments(p):
                    help="DataLoader num_workers for the notebook side (default 0; the notebook used 6)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for both sides (default: l2fast.train's, 1 on CPU; 0: torch's)")
-    p.add_argument("--penalty", choices=engine.PENALTIES, default="optimizer",
+    p.add_argument("--penalty", choices=PENALTIES, default="optimizer",
                    help="l2fast side's penalty (default optimizer, as l2fast.train)")
-    p.add_argument("--adamw-impl", choices=engine.ADAMW_IMPLS, default="fused",
+    p.add_argument("--adamw-impl", choices=ADAMW_IMPLS, default="fused",
                    help="l2fast side's torch AdamW implementation with --penalty fused, autograd or reference "
                         "(default: fused, as l2fast.train; 'default' is the notebook's construction)")
     p.add_argument("--l2-weight", type=float, default=DEFAULT_L2_WEIGHT)
@@ -102,8 +102,8 @@ class NotebookLoop:
         self.batches = iter(self.loader)
         self.device, self.l2_weight = device, l2_weight
         self.calls, self.last_loss = 0, None
-        self.mlp = MLP().to(device)
-        self.loss_function = nn.CrossEntropyLoss()
+        self.mlp = model.MLP().to(device)
+        self.loss_function = torch.nn.CrossEntropyLoss()
         self.optimizer = torch.optim.AdamW(self.mlp.parameters(), lr=1e-4)
 
     def next_batch(self):
@@ -132,10 +132,10 @@ class L2fastLoop:
     def __init__(self, images, labels, batch_size, device, penalty, l2_weight, cuda_graphs, adamw_impl):
         self.images = torch.from_numpy(images).to(device)
         self.labels = torch.from_numpy(labels).to(device)
-        model = MLP().to(device)
-        optimizer, strategy = engine.optimizer_and_penalty(model, penalty, l2_weight, lr=1e-4, capturable=cuda_graphs,
+        mlp = model.MLP().to(device)
+        optimizer, strategy = engine.optimizer_and_penalty(mlp, penalty, l2_weight, lr=1e-4, capturable=cuda_graphs,
                                                            impl=adamw_impl)
-        self.step = engine.build_step(model, optimizer, self.images, self.labels, strategy, batch_size, device,
+        self.step = engine.build_step(mlp, optimizer, self.images, self.labels, strategy, batch_size, device,
                                       cuda_graphs=cuda_graphs)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(0)
@@ -186,8 +186,8 @@ def run(args):
               flush=True)
         for loop in loops.values():
             if args.warmup:
-                time_call(loop, iters=args.warmup)
-        seconds = interleaved(loops, args.steps, args.rounds)
+                timing.time_call(loop, iters=args.warmup)
+        seconds = timing.interleaved(loops, args.steps, args.rounds)
     times = {name: [s * 1e3 for s in per_round] for name, per_round in seconds.items()}
     print_table(times)
     if args.json:
