@@ -401,6 +401,42 @@ def test_grad_scaler_unscales_in_the_step_and_skips_it_on_inf(inf):
         assert next(model.parameters()).grad.abs().max() < 10  # unscaled in place, as torch's fused kernels do
 
 
+
+@pytest.mark.parametrize("found_inf", [2.0, float("nan")])
+def test_any_nonzero_found_inf_skips_the_step(found_inf):
+    """found_inf is 0 or 1 from GradScaler; anything else but 0 (a sum over devices, a NaN) skips the
+    step too, on every device's kernel (the CPU one used to skip on exactly 1, the CUDA one on not 0)."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(40))
+    opt = AdamW([p], lr=0.1, l2_weight=0.5)
+    p.grad = torch.randn(40)
+    opt.step()  # state exists
+    before, state = p.detach().clone(), copy.deepcopy(opt.state_dict()["state"])
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(found_inf)
+    for _ in range(2):  # the first step through the full path, the second through the prepared one
+        opt.step()
+        assert torch.equal(p.detach(), before)
+        for key, t in opt.state_dict()["state"][0].items():
+            assert torch.equal(t, state[0][key]), key
+        assert opt.penalty.item() == pytest.approx(0.5 * before.double().square().sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("lr", [torch.tensor(0.05, dtype=torch.bfloat16), torch.tensor([0.05]),
+                                torch.tensor(0.05, dtype=torch.float16)])
+def test_a_tensor_lr_of_any_dtype_or_shape_works_on_every_step(lr):
+    """A tensor lr that the op does not take as it is (another dtype, one element of shape [1]) is
+    converted by the optimizer: the prepared path of later steps must not hand it to the op as it is."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(30)), nn.Parameter(torch.randn(30))
+    b.data.copy_(a.data)
+    ours = AdamW([a], lr=lr, l2_weight=0.1)
+    ref = AdamW([b], lr=float(lr.double().reshape(())), l2_weight=0.1)
+    for step in range(3):
+        a.grad = b.grad = torch.randn(30, generator=torch.Generator().manual_seed(step))
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
 def test_step_hooks_closure_add_param_group_and_zero_grad():
     torch.manual_seed(0)
     a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))

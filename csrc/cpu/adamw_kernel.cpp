@@ -165,7 +165,7 @@ void update_reduced(T* p, T* g, T* m, T* v, T* vmax, int64_t n, const Consts<flo
   total = sq;
 }
 
-// found_inf is 1: nothing is written, the penalty is still summed.
+// found_inf is not 0: nothing is written, the penalty is still summed.
 template <typename T>
 void sum_only(const T* p, int64_t n, SumSq<opmath_t<T>>& sq) {
   using L = at::vec::Vectorized<T>;
@@ -226,7 +226,8 @@ double run_chunk(const AdamWPlan& plan, const AdamWSegment& s, int64_t b, int64_
 }
 
 at::Tensor run_cpu(const AdamWPlan& plan) {
-  const bool skip = plan.found_inf.defined() && *plan.found_inf.const_data_ptr<float>() == 1.0f;
+  // not 0 (GradScaler gives 1; a sum over devices or a NaN too) skips, as in the CUDA kernel
+  const bool skip = plan.found_inf.defined() && *plan.found_inf.const_data_ptr<float>() != 0.0f;
   int64_t numel;
   const std::vector<Chunk> chunks = cpu::cut_into_chunks(plan.segments, kChunk, numel);
   std::vector<double> partial(chunks.size());
