@@ -25,13 +25,13 @@
 #              (skips and reports what would not fit; its 4 compute-sanitizer runs
 #              and 4 training-parity runs start beside its in-process checks)
 #   tests      the CUDA tests (pytest -k cuda -m "not slow"), beside selftest     (120 s)  195 s
-#   measure    scripts/gpu_measure.py: issue 16's numbers (kernel vs same-bytes    60 s     90 s
+#   measure    scripts/gpu_measure.py: the H200 targets (kernel vs same-bytes     90 s    120 s
 #              copy at 1e8 fp32/bf16, MLP launches and host/GPU µs, 5 epochs with
 #              --cuda-graphs vs the CPU's losses, one-process NCCL FSDP)
-#   optim      python -m l2fast.bench optim --device cuda (when it exists)         30 s     45 s
+#   optim      python -m l2fast.bench optim --device cuda, mlp..100M values        30 s     45 s
 #   train      python -m l2fast.bench train --device cuda, then --cuda-graphs      25 s     60 s
-#   penalty    python -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M 60 s     90 s
-#   total                                                                       ~ 450 s    470 s
+#   penalty    python -m l2fast.bench penalty --device cuda --sizes mlp,1M,100M    45 s     90 s
+#   total                                                                       ~ 465 s    470 s
 # Optional, not in the default list: `ncu` (Nsight Compute, SpeedOfLight + Occupancy of the kernel
 # at 1e8 values, --clock-control none; ~40 s).
 set -uo pipefail
@@ -109,11 +109,11 @@ if wanted selftest || wanted tests; then
     wait "${pids[@]}"
 fi
 
-wanted measure && run measure 90 "$PY" scripts/gpu_measure.py --out "$OUT/measure"
+wanted measure && run measure 120 "$PY" scripts/gpu_measure.py --out "$OUT/measure"
 if wanted optim; then
     if "$PY" -m l2fast.bench optim --help > "$OUT/logs/optim-help.log" 2>&1; then
         # its options are its own: pass --device cuda only where it has one
-        run optim 45 "$PY" -m l2fast.bench optim $(grep -q -- "--device" "$OUT/logs/optim-help.log" && echo --device cuda)
+        run optim 45 "$PY" -m l2fast.bench optim $(grep -q -- "--device" "$OUT/logs/optim-help.log" && echo --device cuda --sizes mlp,1M,10M,100M)
     else
         echo "| optim | skipped: \`python -m l2fast.bench optim --help\` failed (not landed) | 0 | logs/optim-help.log |" >> "$OUT/summary.md"
     fi
@@ -121,7 +121,7 @@ fi
 if wanted train; then
     run train 60 bash -c "$PY -m l2fast.bench train --device cuda --steps 200 && $PY -m l2fast.bench train --device cuda --cuda-graphs --steps 200"
 fi
-wanted penalty && run penalty 90 "$PY" -m l2fast.bench penalty --device cuda --sizes mlp,1M,10M,100M
+wanted penalty && run penalty 90 "$PY" -m l2fast.bench penalty --device cuda --sizes mlp,1M,100M
 if wanted ncu; then
     run ncu 90 ncu --clock-control none --section SpeedOfLight --section Occupancy -k regex:l2_penalty_kernel -c 3 \
         "$PY" -c "import torch, l2fast.ops; p = [torch.randn(10**8, device='cuda')]; g = [torch.zeros_like(p[0])]; [torch.ops.l2fast.l2_penalty_(p, g, 1e-4, []) for _ in range(3)]; torch.cuda.synchronize()"
