@@ -43,7 +43,7 @@ struct AdamWPlan {
   void finish() const;
 };
 
-// A backend's kernel: runs the plan, increments every step (neither when found_inf is 1), and
+// A backend's kernel: runs the plan, increments every step (none when found_inf is not 0), and
 // returns sum_s l2_weight(s) * ||p_s||^2 of the params before the update, a 0-dim acc_dtype tensor.
 using RunAdamW = at::Tensor (*)(const AdamWPlan& plan);
 

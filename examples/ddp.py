@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 examples/ddp.py [--epochs N]
 
-gloo on CPUs, NCCL with one GPU per rank. DDP averages the data gradients in backward; then every
+gloo on CPUs, NCCL with one GPU per rank (the NCCL branch has not yet run on a GPU). DDP averages the data gradients in backward; then every
 rank adds the same 2·λ·p to the same (replicated) parameters with no collective, so the replicas
 stay identical.
 """

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 examples/fsdp.py [--epochs N]
 
-gloo on CPUs, NCCL with one GPU per rank. Each rank runs the fused kernel on its own shards; the
+gloo on CPUs, NCCL with one GPU per rank (the NCCL branch has not yet run on a GPU). Each rank runs the fused kernel on its own shards; the
 penalty's value is the global one (one all-reduce), the same on every rank.
 """
 import argparse

@@ -28,7 +28,7 @@ import sys
 import warnings
 
 from . import _cli
-from .contract import sha256_file, to_model_input  # noqa: F401  (sha256_file: round-1 importers)
+from .contract import sha256_file, to_model_input  # noqa: F401  (sha256_file: kept for callers that import it from here)
 from .errors import InputError, ModelError, UsageError  # noqa: F401  (re-exported for API users)
 from .inputs import BACKGROUNDS, DEFAULT_BATCH, FIT_THRESHOLD, FITS, FitWarning, iter_batches, load_image  # noqa: F401
 from .predictor import Prediction, Predictor, max_threads, softmax_argmax  # noqa: F401

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The first GPU run (issues 16 and 17): build, prove the CUDA path, take the H200 measurements.
+# A GPU run in one command: build, prove the CUDA path, take the measurements.
 #
 #   scripts/gpu_check.sh OUT_DIR [STEP ...]      # from the checkout's root; default: every step below
 #
-# Written for one H200 machine of this project (16 cores, torch 2.11.0+cu130, Python 3.12, nvcc 13.0,
+# Written for a machine with one H200 (16 cores, torch 2.11.0+cu130, Python 3.12, nvcc 13.0,
 # no package registry) and a budget of 8 minutes for the whole script, leaving time for one rerun
 # of the failed steps after a fix (`scripts/gpu_check.sh OUT_DIR2 build selftest`, say). The script
 # stops itself: every step runs under `timeout`, cut to what is left of DEADLINE after the steps

@@ -1,4 +1,4 @@
-"""The H200 measurements of issue 16, side by side in one run, with CUDA events: run by
+"""GPU measurements of the kernels, the optimizer and training, side by side in one run, with CUDA events: run by
 scripts/gpu_check.sh (its step `measure`), or alone:
 
     python scripts/gpu_measure.py --out DIR [--parts kernel,mlp,train,fsdp]

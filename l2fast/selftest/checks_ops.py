@@ -324,7 +324,7 @@ def aliasing_check(device):
     return Check(f"{device} aliasing rejected", fn, device)
 
 
-# --- per-tensor weights and param groups (issue 12) ---------------------------------------------
+# --- per-tensor weights and param groups ---------------------------------------------------------
 
 def has_weights_argument():
     schema = torch.ops.l2fast.l2_penalty_.default._schema

@@ -22,7 +22,7 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true",
                    help="use a non-empty --out anyway: only report.json and report.md are (re)written there")
     p.add_argument("--quick", action="store_true",
-                   help="fewer sizes and repeats and no benchmarks: about a minute on a 2-core CPU (CI runs it)")
+                   help="fewer sizes and repeats and no benchmarks: under a minute on a 2-core CPU (CI runs it)")
     p.add_argument("--only", default="", metavar="NAMES",
                    help="comma-separated parts of check names: run only those (the others are listed as skipped)")
     p.add_argument("--skip", default="", metavar="NAMES", help="comma-separated parts of check names not to run")
@@ -85,7 +85,7 @@ def _devices(requested):
     return [d for d in ("cpu", "cuda") if d not in unavailable], unavailable
 
 
-# Seconds on a 16-core machine with an H200 (issue 17's GPU run), for the checks whose module does not
+# Seconds on a 16-core machine with an H200, for the checks whose module does not
 # set its own: matched by a part of the name, first match wins; DEFAULT_ESTIMATE otherwise.
 ESTIMATES = (("torch.compile", 45.0), ("gradcheck", 6.0), ("opcheck", 6.0), ("1,000 tensors", 6.0),
              ("views", 4.0), ("determinism", 3.0), (" value", 3.0), (" accumulate", 3.0), (" fresh", 3.0),
