@@ -110,14 +110,7 @@ if wanted selftest || wanted tests; then
 fi
 
 wanted measure && run measure 120 "$PY" scripts/gpu_measure.py --out "$OUT/measure"
-if wanted optim; then
-    if "$PY" -m l2fast.bench optim --help > "$OUT/logs/optim-help.log" 2>&1; then
-        # its options are its own: pass --device cuda only where it has one
-        run optim 45 "$PY" -m l2fast.bench optim $(grep -q -- "--device" "$OUT/logs/optim-help.log" && echo --device cuda --sizes mlp,1M,10M,100M)
-    else
-        echo "| optim | skipped: \`python -m l2fast.bench optim --help\` failed (not landed) | 0 | logs/optim-help.log |" >> "$OUT/summary.md"
-    fi
-fi
+wanted optim && run optim 45 "$PY" -m l2fast.bench optim --device cuda --sizes mlp,1M,10M,100M
 if wanted train; then
     run train 60 bash -c "$PY -m l2fast.bench train --device cuda --steps 200 && $PY -m l2fast.bench train --device cuda --cuda-graphs --steps 200"
 fi

@@ -38,19 +38,14 @@ def log(text, lines):
     lines.append(text)
 
 
-def event_ms(fn, reps):
-    """Median milliseconds of fn() between CUDA events, over `reps` timed calls after 3 untimed."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def event_ms(fn):
+    """Milliseconds of one fn() between two CUDA events on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def side_by_side(fns, reps):
@@ -62,12 +57,7 @@ def side_by_side(fns, reps):
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
+            times[name].append(event_ms(fn))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -131,19 +121,14 @@ def host_us_per_call(fn, calls=200, rounds=7):
 def gpu_us_per_call(fn, calls=1000):
     for _ in range(20):
         fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls * 1e3
+    return event_ms(lambda: [fn() for _ in range(calls)]) / calls * 1e3
 
 
 def launches_per_call(fn, calls=10):
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    from l2fast.selftest.checks_cuda import _device_events
 
     fn()
     torch.cuda.synchronize()
@@ -151,9 +136,8 @@ def launches_per_call(fn, calls=10):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-    kernels = [k for k in names if not k.lower().startswith(("memcpy", "memset"))]
-    return len(kernels) / calls, (len(names) - len(kernels)) / calls
+    kernels, copies, sets = _device_events(prof)
+    return len(kernels) / calls, (len(copies) + len(sets)) / calls
 
 
 def mlp_part(lines, results, args):

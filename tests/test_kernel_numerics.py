@@ -4,7 +4,6 @@ and results that do not depend on where the tensors sit in memory. CPU and, wher
 The CUDA launch machinery (tables, grid, pinned pool) is tested at the end, on a GPU only."""
 import gc
 import math
-import time
 
 import pytest
 import torch
@@ -14,15 +13,11 @@ from hypothesis import strategies as st
 import l2fast
 import l2fast.ops  # noqa: F401  (registers torch.ops.l2fast.*)
 from l2fast.optim import AdamW
+from l2fast.selftest.checks_cuda import _pool_in_use_after_release
+from l2fast.selftest.refs import exact_constant_sq_norm
 
 OPS = torch.ops.l2fast
 F32_MAX = torch.finfo(torch.float32).max
-
-
-def exact_constant_sq_norm(value, n, dtype):
-    """n * v^2 for v = `value` rounded to dtype, in float64 (v^2 is exact there: at most 48 bits)."""
-    v = torch.tensor(value, dtype=dtype).double().item()
-    return n * v * v
 
 
 # --- accuracy (issue 18 item 3) ---------------------------------------------------------------
@@ -379,10 +374,7 @@ def test_captured_tables_return_to_the_pool():
 
     def held_after_release():  # a graph's user object is released on a driver thread, a little later
         torch.cuda.synchronize()
-        deadline = time.monotonic() + 2.0
-        while ops.pinned_table_bytes(in_use=True) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return ops.pinned_table_bytes(in_use=True)
+        return _pool_in_use_after_release(ops)
 
     for _ in range(3):
         capture_and_drop()

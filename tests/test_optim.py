@@ -54,8 +54,7 @@ def test_step_matches_float64_reference(shapes, dtype, n_groups, seed, amsgrad, 
     gen = torch.Generator().manual_seed(seed)
     hyper = [dict(lr=1e-3 * (k + 1), betas=(0.9, 0.999 - 0.01 * k), eps=1e-8, weight_decay=decays[k],
                   l2_weight=weights[k], amsgrad=amsgrad[k], maximize=maximize[k]) for k in range(n_groups)]
-    groups = [{"params": [], "weight": h["l2_weight"], **{k: v for k, v in h.items() if k != "l2_weight"}}
-              for h in hyper]
+    groups = [checks_optim.param_group([], h) for h in hyper]
     cases = []
     for i, shape in enumerate(shapes):
         k = i % n_groups

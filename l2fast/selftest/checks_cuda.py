@@ -434,11 +434,6 @@ def host_ahead_check(sleep_s=0.05, n_calls=20):
 
 # --- numerics and determinism ------------------------------------------------------------------------
 
-def _exact_constant(value, n, dtype):
-    v = torch.tensor(value, dtype=dtype).double().item()
-    return n * v * v
-
-
 def accuracy_check():
     """Constant values are the worst case for float32 running sums (every add rounds the same way):
     the README promises 1e-6 relative at every size, up to 10^8 values."""
@@ -451,7 +446,7 @@ def accuracy_check():
         worst = 0.0
         for dtype, n, v in cases:
             x = torch.full((n,), v, device=dev, dtype=dtype)
-            expected = _exact_constant(v, n, dtype)
+            expected = refs.exact_constant_sq_norm(v, n, dtype)
             for what, got in (("sq_norm", l2fast.sq_norm([x])), ("l2_penalty", l2fast.l2_penalty([x], 1.0))):
                 err = abs(got.item() - expected) / expected
                 if not err <= 1e-6:

@@ -8,6 +8,8 @@ import math
 import torch
 
 from . import refs
+from .checks_cuda import (_cuda, _device_events, _internal, _tensor_set, _warm_up, captures_flat,
+                          launched_table)
 from .refs import check_value, randn
 from .runner import Check, CheckFailed, Skip
 
@@ -68,11 +70,18 @@ def _state(shape, dtype, device, seed, amsgrad):
     return p, g, m, v, vmax
 
 
-def _optimizer(groups, device, start, states, **kwargs):
-    """An l2fast.optim.AdamW over `groups` whose params' state is `states` (a list per param, in order)."""
+def param_group(params, hyper):
+    """An AdamW param group of `params` with the hyperparameters `hyper`, whose `l2_weight` is the
+    group's "weight"."""
+    return {"params": list(params), "weight": hyper["l2_weight"],
+            **{key: x for key, x in hyper.items() if key != "l2_weight"}}
+
+
+def _optimizer(groups, device, start, states, cls=None, **kwargs):
+    """An l2fast.optim.AdamW (or `cls`) over `groups` whose params' state is `states` (a list per param, in order)."""
     from ..optim import AdamW
 
-    opt = AdamW(groups, **kwargs)
+    opt = (cls or AdamW)(groups, **kwargs)
     params = [p for grp in opt.param_groups for p in grp["params"]]
     for p, (m, v, vmax) in zip(params, states):
         if m is None:
@@ -120,8 +129,7 @@ def values_check(device):
                       maximize=False)]
         worst, checked = 0, 0
         for dtype in refs.DTYPES:
-            groups = [{"params": [], "weight": h["l2_weight"], **{k: x for k, x in h.items() if k != "l2_weight"}}
-                      for h in hyper]
+            groups = [param_group([], h) for h in hyper]
             cases = []
             for i, n in enumerate(sizes + [(5, 3)]):  # the last: a transposed (non-dense-like) param
                 k = i % len(hyper)
@@ -145,14 +153,11 @@ def values_check(device):
 
 # --- parity with torch's fused AdamW -------------------------------------------------------------
 
-_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def ulps(a, b):
     """Largest distance in units in the last place between same-dtype tensors (sign changes count big)."""
     if a.numel() == 0:
         return 0
-    ia, ib = a.detach().contiguous().view(_INT[a.element_size()]), b.detach().contiguous().view(_INT[b.element_size()])
+    ia, ib = refs._bits(a), refs._bits(b)
     same_sign = (a >= 0) == (b >= 0)
     d = (ia.long() - ib.long()).abs()
     d = torch.where(same_sign | (a == b), d, torch.full_like(d, 2 ** 30))
@@ -171,16 +176,9 @@ def torch_parity_check(device):
                     kwargs = dict(lr=LR, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
                     ours, theirs = torch.nn.Parameter(p.clone()), torch.nn.Parameter(p.clone())
                     results = []
-                    for param, make in ((ours, None), (theirs, torch.optim.AdamW)):
+                    for param, extra in ((ours, {}), (theirs, dict(cls=torch.optim.AdamW, fused=True))):
                         param.grad = g.clone()
-                        if make is None:
-                            opt, _ = _optimizer([param], dev, 2, [(m, v, vmax)], **kwargs)
-                        else:
-                            opt = make([param], fused=True, **kwargs)
-                            st = opt.state[param]
-                            st.update(step=torch.tensor(2.0, device=dev), exp_avg=m.clone(), exp_avg_sq=v.clone())
-                            if amsgrad:
-                                st["max_exp_avg_sq"] = vmax.clone()
+                        opt, _ = _optimizer([param], dev, 2, [(m, v, vmax)], **extra, **kwargs)
                         opt.step()
                         st = opt.state[param]
                         results.append([param.detach(), st["exp_avg"], st["exp_avg_sq"]]
@@ -208,8 +206,7 @@ def grad_scaler_check(device):
         p, g, m, v, vmax = _state((1000,), torch.float32, dev, 3, True)
         param = torch.nn.Parameter(p.clone())
         param.grad = g * 1024
-        kwargs = {k: x for k, x in hyper.items() if k != "l2_weight"}
-        opt, _ = _optimizer([param], dev, 1, [(m, v, vmax)], l2_weight=0.25, **kwargs)
+        opt, _ = _optimizer([param], dev, 1, [(m, v, vmax)], **hyper)
         before = refs.snapshot([param, param.grad, *opt.state[param].values()])
         opt.grad_scale = torch.tensor(1024.0, device=dev)
         opt.found_inf = torch.tensor(1.0, device=dev)
@@ -253,13 +250,8 @@ def determinism_check(device):
 
 # --- CUDA: one launch, no host sync, graphs, bandwidth -----------------------------------------------
 
-def _cuda():
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def _model_params(n, device, seed=0):
     """n=6: the seed MLP's shapes; else n tensors of 0..699 elements. Grads set; state made by one step."""
-    from .checks_cuda import _tensor_set
 
     params = [torch.nn.Parameter(t) for t in _tensor_set(n, device, seed=seed)]
     for i, param in enumerate(params):
@@ -272,7 +264,6 @@ def one_launch_check():
         from torch.profiler import ProfilerActivity, profile
 
         from ..optim import AdamW
-        from .checks_cuda import _device_events
 
         dev, steps, lines = _cuda(), 5, []
         for n in (6, 1000):
@@ -344,13 +335,7 @@ def graph_check():
             lr_c, lr_e = torch.tensor(LR, device=dev), torch.tensor(LR, device=dev)
             opt_c = AdamW(captured, lr=lr_c, l2_weight=0.37, amsgrad=True, capturable=True)
             opt_e = AdamW(eager, lr=lr_e, l2_weight=0.37, amsgrad=True, capturable=True)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    opt_c.step()
-                    opt_e.step()
-            torch.cuda.current_stream().wait_stream(s)
+            _warm_up(lambda: (opt_c.step(), opt_e.step()))
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 opt_c.step()
@@ -388,8 +373,7 @@ def _hyper(k):
 def _groups(params, n_groups):
     """params spread over n_groups groups (param i in group i % n_groups); returns (groups, hyper)."""
     hyper = [_hyper(k) for k in range(n_groups)]
-    groups = [{"params": params[k::n_groups], "weight": h["l2_weight"],
-               **{key: x for key, x in h.items() if key != "l2_weight"}} for k, h in enumerate(hyper)]
+    groups = [param_group(params[k::n_groups], h) for k, h in enumerate(hyper)]
     return groups, hyper
 
 
@@ -400,7 +384,6 @@ def table_sizes_check():
     def fn(ctx):
         from torch.profiler import ProfilerActivity, profile
 
-        from .checks_cuda import launched_table
 
         dev = _cuda()
         dtypes = (torch.float32, torch.float16, torch.bfloat16)
@@ -435,7 +418,6 @@ def captures_check(n_captures=200):
     held for the life of the process."""
     def fn(ctx):
         from ..optim import AdamW
-        from .checks_cuda import captures_flat
 
         dev = _cuda()
         groups, _ = _groups(_model_params(1000, dev), 6)
@@ -451,7 +433,6 @@ def bits_check():
     on where the tensors sit (9 element offsets, another for each of param, grad and state)."""
     def fn(ctx):
         from ..optim import AdamW
-        from .checks_cuda import _internal
 
         internal = _internal()
         dev = _cuda()
@@ -512,7 +493,6 @@ def accuracy_check():
     bfloat16 too, in a step and in a step GradScaler skips."""
     def fn(ctx):
         from ..optim import AdamW
-        from .checks_cuda import _exact_constant
 
         dev = _cuda()
         cases = [(torch.float32, 10**8, 0.5025), (torch.float32, 10_000_000, 8.4107),
@@ -530,7 +510,7 @@ def accuracy_check():
                     opt.step()
                 except torch.OutOfMemoryError:
                     raise Skip(f"not enough GPU memory for {n:,} values") from None
-                expected = _exact_constant(v, n, dtype)
+                expected = refs.exact_constant_sq_norm(v, n, dtype)
                 err = abs(opt.penalty.item() - expected) / expected
                 if not err <= 1e-6:
                     raise CheckFailed(f"{'skipped ' if skip else ''}step over {n:,} {refs.dtype_name(dtype)} values "

@@ -126,6 +126,12 @@ def check_grad_update(what, got, g_old, p, scale, ref):
     return check_grad(what, got, expected, bound, p.dtype, p.shape)
 
 
+def exact_constant_sq_norm(value, n, dtype):
+    """n * v^2 for v = `value` rounded to dtype, in float64 (v^2 is exact there: at most 48 bits)."""
+    v = torch.tensor(value, dtype=dtype).double().item()
+    return n * v * v
+
+
 def snapshot(tensors):
     return [t.detach().clone() for t in tensors]
 
