@@ -56,18 +56,19 @@ def _on_kernel_device(params):
     return params[0].is_cpu or (params[0].is_cuda and _BUILD_INFO["cuda"])
 
 
-def _weight(fn, weight, where="weight"):
+def _weight(fn, weight, where="weight", nonnegative=False):
+    """`weight` as a float, or a one-line error naming `where`; `nonnegative`: 0 or more (the optimizer's)."""
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
         raise TypeError(f"l2fast.{fn}: {where} is a {type(weight).__name__}; expected a real number")
+    expected = "a finite number >= 0" if nonnegative else "a finite real number"
     try:
         weight = float(weight)
     except OverflowError:  # an int or Fraction beyond float's range: named briefly, not in 400 digits
         text = str(weight)
         short = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
-        raise ValueError(f"l2fast.{fn}: {where} is {short}, beyond the float range; expected a finite "
-                         "real number") from None
-    if not math.isfinite(weight):
-        raise ValueError(f"l2fast.{fn}: {where} is {weight}; expected a finite real number")
+        raise ValueError(f"l2fast.{fn}: {where} is {short}, beyond the float range; expected {expected}") from None
+    if not math.isfinite(weight) or (nonnegative and weight < 0):
+        raise ValueError(f"l2fast.{fn}: {where} is {weight}; expected {expected}")
     return weight
 
 

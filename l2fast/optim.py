@@ -18,8 +18,6 @@ penalty's gradient alone (the loss term would have given it that gradient); a fr
 With `maximize=True` the penalty's gradient is added after the data gradient is negated, as
 torch's Adam adds its coupled `weight_decay`: the penalty still pulls the weights toward 0.
 """
-import math
-import numbers
 import sys
 
 import torch
@@ -33,13 +31,6 @@ __all__ = ["AdamW"]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _AMSGRAD, _MAXIMIZE = 1, 2  # the op's per-group flags
-
-
-def _check_weight(where, w):
-    if isinstance(w, bool) or not isinstance(w, numbers.Real):
-        raise TypeError(f"l2fast.optim.AdamW: {where} is a {type(w).__name__}; expected a real number")
-    if not (math.isfinite(w) and w >= 0):
-        raise ValueError(f"l2fast.optim.AdamW: {where} is {w}; expected a finite number >= 0")
 
 
 def _check_hyperparameters(group, where=""):
@@ -71,7 +62,8 @@ def _check_hyperparameters(group, where=""):
                          "use torch.optim.AdamW(differentiable=True)" + where)
     if group["fused"] and group["foreach"]:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together." + where)
-    _check_weight(f"{where.strip(' ()')}['weight']" if where else "l2_weight", group["weight"])
+    F._weight("optim.AdamW", group["weight"], f"{where.strip(' ()')}['weight']" if where else "l2_weight",
+              nonnegative=True)
 
 
 def _scalar(x):
@@ -229,7 +221,7 @@ class AdamW(Optimizer):
         launches, frozen, everything = {}, [], []
         for k, group in enumerate(self.param_groups):
             w, amsgrad = group["weight"], group["amsgrad"]
-            _check_weight(f"param_groups[{k}]['weight']", w)
+            F._weight("optim.AdamW", w, f"param_groups[{k}]['weight']", nonnegative=True)
             for i, p in enumerate(group["params"]):
                 everything.append(p)
                 grad = p.grad

@@ -496,6 +496,7 @@ def test_bad_group_is_refused_before_it_is_kept():
     ({"l2_weight": -1e-4}, ValueError, "l2_weight is -0.0001; expected a finite number >= 0"),
     ({"l2_weight": float("inf")}, ValueError, "l2_weight is inf; expected a finite number >= 0"),
     ({"l2_weight": "0.1"}, TypeError, "l2_weight is a str; expected a real number"),
+    ({"l2_weight": 10**400}, ValueError, "l2_weight is 100000000000... (401 characters), beyond the float range"),
     ({"differentiable": True}, ValueError, "differentiable=True"),
     ({"fused": True, "foreach": True}, RuntimeError, "`fused` and `foreach` cannot be `True` together."),
 ])
