@@ -321,6 +321,9 @@ def test_bench_train_runs_and_reports_consistent_numbers(tmp_path):
     (["train", "--device", "meta"], "--device meta"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["nope"], "invalid choice: 'nope'"),
+    # bench optim checks --sizes/--tensors as bench penalty does (it was a ValueError traceback)
+    (["optim", "--sizes", "1M", "--tensors", "2000000", "--threads", "1"], "--tensors 2000000: more tensors than"),
+    (["optim", "--sizes", "2M"], "--sizes: unknown size '2M'"),
 ])
 def test_bench_bad_options_exit_2_with_one_line(tmp_path, args, message):
     assert_one_line_error(cli(["l2fast.bench", *args], tmp_path, check=False), 2, message)

@@ -18,15 +18,19 @@ import sys
 
 import l2fast
 from l2fast import _cli
-from l2fast.bench.penalty import SIZES, kernel_device, make_params
+from l2fast._cpu import max_threads
+from l2fast.bench.penalty import SIZES, check_memory, check_tensor_counts, kernel_device, make_params, parse_sizes
 from l2fast.errors import UsageError
 
 # imported on first use: `--help` and option errors cost no torch import
-torch, engine, timing, l2optim = map(_cli.LazyModule, ("torch", "l2fast.engine", "l2fast.bench.timing", "l2fast.optim"))
+torch, timing, l2optim = map(_cli.LazyModule, ("torch", "l2fast.bench.timing", "l2fast.optim"))
 
 WEIGHT = 1e-4
 LR = 1e-4
 METHODS = ("fused", "L2Penalty", "seed", "optim")
+# Bytes per float32 value at one size, estimated (not measured): the base params and grads (8), each
+# method's params, grads and AdamW moments (4 x 16), the seed's torch.cat, its square and their grad (12).
+BYTES_PER_VALUE = 84
 
 
 def prepared(size, device, n_tensors, names=METHODS):
@@ -104,10 +108,7 @@ def add_arguments(parser):
 
 def check_args(args):
     """(sizes, tensor counts, thread counts, device); a UsageError (one line, exit 2) for what cannot run."""
-    sizes = args.sizes.split(",")
-    unknown = [s for s in sizes if s not in SIZES]
-    if unknown:
-        raise UsageError(f"--sizes: unknown size {unknown[0]!r}; expected some of {','.join(SIZES)}")
+    sizes = parse_sizes(args.sizes)
     try:
         tensors = [int(t) for t in args.tensors.split(",")]
     except ValueError:
@@ -116,18 +117,21 @@ def check_args(args):
         raise UsageError(f"--tensors {args.tensors}: expected counts of at least 1 tensor")
     threads = []
     for t in args.threads.split(","):
-        count = engine.max_threads() if t == "all" else int(t) if t.isdigit() else None
-        if count is None or not 1 <= count <= engine.max_threads():
+        count = max_threads() if t == "all" else int(t) if t.isdigit() else None
+        if count is None or not 1 <= count <= max_threads():
             raise UsageError(f"--threads {args.threads}: {t!r} is not 'all' or a count from 1 to "
-                             f"{engine.max_threads()} (the CPUs this process may use)")
+                             f"{max_threads()} (the CPUs this process may use)")
         if count not in threads:
             threads.append(count)
+    counts = [tensors[min(i, len(tensors) - 1)] for i in range(sum(s != "mlp" for s in sizes))]
+    check_tensor_counts(sizes, counts, args.sizes, args.tensors)
     if args.rounds < 1:
         raise UsageError(f"--rounds {args.rounds}: expected at least 1 round")
     device = kernel_device(args.device)
+    check_memory(sizes, device, BYTES_PER_VALUE, "the base params and grads, each method's params, grads and "
+                 "AdamW moments, the seed's torch.cat")
     if device.type == "cuda":  # host threads do not change a CUDA step
         threads = [torch.get_num_threads()]
-    counts = [tensors[min(i, len(tensors) - 1)] for i in range(sum(s != "mlp" for s in sizes))]
     return sizes, counts, threads, device
 
 

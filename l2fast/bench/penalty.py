@@ -114,32 +114,50 @@ def add_arguments(parser):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
 
 
-def check_args(args):
-    """The options as plain values; a UsageError (one line, exit 2) for anything that cannot run."""
-    sizes = args.sizes.split(",")
+def parse_sizes(text):
+    """--sizes as a list of SIZES' names; a UsageError for a name it does not have."""
+    sizes = text.split(",")
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         raise UsageError(f"--sizes: unknown size {unknown[0]!r}; expected some of {','.join(SIZES)}")
+    return sizes
+
+
+def check_tensor_counts(sizes, counts, sizes_text, tensors_text):
+    """Each non-MLP size in `sizes` spread over its count in `counts`: a UsageError where a size has
+    fewer values than its tensors (each tensor holds at least one), naming the smallest such size."""
+    spread = sorted((SIZES[s], c) for s, c in zip([s for s in sizes if SIZES[s] is not None], counts))
+    for values, count in spread:
+        if count > values:
+            raise UsageError(f"--tensors {tensors_text}: more tensors than the {values:,} values of --sizes "
+                             f"{sizes_text} (each tensor holds at least one); expected 1 to {values:,}")
+
+
+def check_memory(sizes, device, bytes_per_value, what):
+    """A UsageError when the largest of `sizes` needs more than `device` has free (`what`: what the
+    bytes a value are)."""
+    available = available_memory(device)
+    largest = max(sizes, key=lambda s: SIZES[s] or 0)
+    need = bytes_per_value * (SIZES[largest] or 0)
+    if available is not None and need > available:
+        raise UsageError(f"--sizes {largest}: about {need / 1e9:.1f} GB ({bytes_per_value} bytes a value: {what}), "
+                         f"{available / 1e9:.1f} GB available on {device}; leave out the larger sizes")
+
+
+def check_args(args):
+    """The options as plain values; a UsageError (one line, exit 2) for anything that cannot run."""
+    sizes = parse_sizes(args.sizes)
     if args.tensors < 1:
         raise UsageError(f"--tensors {args.tensors}: expected at least 1 tensor")
     if args.tensors > MAX_COMPILED_TENSORS and not args.no_compile:
         raise UsageError(f"--tensors {args.tensors}: torch.compile's build of the `compiled` baseline grows faster than "
                          f"the tensor count (4.5 min at {MAX_COMPILED_TENSORS:,} on a 2-core CPU); add --no-compile "
                          f"above {MAX_COMPILED_TENSORS:,}")
-    smallest = min((SIZES[s] for s in sizes if SIZES[s] is not None), default=None)
-    if smallest is not None and args.tensors > smallest:
-        raise UsageError(f"--tensors {args.tensors}: more tensors than the {smallest:,} values of --sizes "
-                         f"{args.sizes} (each tensor holds at least one); expected 1 to {smallest:,}")
+    check_tensor_counts(sizes, [args.tensors] * len(sizes), args.sizes, args.tensors)
     if args.rounds < 1:
         raise UsageError(f"--rounds {args.rounds}: expected at least 1 round")
     device = kernel_device(args.device)
-    available = available_memory(device)
-    largest = max(sizes, key=lambda s: SIZES[s] or 0)
-    need = BYTES_PER_VALUE * (SIZES[largest] or 0)
-    if available is not None and need > available:
-        raise UsageError(f"--sizes {largest}: about {need / 1e9:.1f} GB ({BYTES_PER_VALUE} bytes a value: params, "
-                         f"grads, the copy's buffers, the seed's torch.cat), {available / 1e9:.1f} GB available on "
-                         f"{device}; leave out the larger sizes")
+    check_memory(sizes, device, BYTES_PER_VALUE, "params, grads, the copy's buffers, the seed's torch.cat")
     return sizes, device
 
 
