@@ -20,7 +20,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from ._io import _umask, signals_held
+from ._io import _umask, nearest_existing, signals_held
 from .contract import ARTIFACTS, MANIFEST_FILE
 from .errors import OutputError
 
@@ -74,9 +74,7 @@ def check_out(out):
         if bad:
             raise _refuse(given, bad)
     else:
-        parent = target.parent
-        while not parent.exists():
-            parent = parent.parent
+        parent = nearest_existing(target.parent)
         if not parent.is_dir():
             raise OutputError(f"output folder {given}: {parent} is {_describe(parent)}, not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):

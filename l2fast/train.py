@@ -408,7 +408,7 @@ def _train(config, ctx):
         if not ctx.is_main:
             return None
         history = history.tolist()
-        summary = summarize(run, trained, history, wall_start)
+        summary = summarize(run, history, wall_start)
         checkpoint.save(out / checkpoint.CHECKPOINT_FILE, trained, config.plain(),
                         {"name": data.name, "data_dir": str(config.data_dir)})
         run.checkpoint = checkpoint.CHECKPOINT_FILE
@@ -480,7 +480,7 @@ def settings(config, data, device, weight_decay, ctx):
     }
 
 
-def summarize(run, model, history, wall_start):
+def summarize(run, history, wall_start):
     """summary.json's content: final metrics, timings, and the settings that produced them."""
     epochs = [r for r in run.records if "test_accuracy" in r]
     last_epoch, train_seconds = epochs[-1], sum(r["epoch_seconds"] for r in epochs)
@@ -488,7 +488,7 @@ def summarize(run, model, history, wall_start):
         "status": "completed", "checkpoint": checkpoint.CHECKPOINT_FILE,
         "test_accuracy": last_epoch["test_accuracy"], "test_loss": last_epoch["test_loss"],
         "final_loss": history[-1][0], "final_data_loss": history[-1][1], "final_l2_loss": history[-1][2],
-        "param_sq_norm": engine.param_sq_norm(model),
+        "param_sq_norm": last_epoch["param_sq_norm"],  # measured on the trained weights at the last epoch's end
         "epochs": len(epochs), "steps": len(history), "train_seconds": train_seconds,
         "steps_per_second": len(history) / train_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
