@@ -1,15 +1,12 @@
 // l2fast::adamw_, written once over a backend's kernel: every check before any write, then the plan.
 #include "adamw.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <functional>
 #include <string>
 
 #include "l2_penalty.h"
@@ -32,10 +29,8 @@ void check_like(const char* name, size_t i, const at::Tensor& t, const at::Tenso
                    " but its param has dtype ", p.scalar_type(), "; expected the param's dtype");
   TORCH_CHECK_VALUE(t.sizes() == p.sizes(), kOp, ": ", name, "[", i, "] has shape ", t.sizes(),
                     " but its param has shape ", p.sizes(), "; expected the param's shape");
+  // A written tensor whose own elements share memory is refused by the shared-memory check.
   if (written) {
-    TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, kOp, ": ", name, "[", i,
-                      "] has elements that share memory (an expanded tensor?); expected a tensor that can be "
-                      "written element by element");
     TORCH_CHECK(!(t.is_inference() && !c10::InferenceMode::is_enabled()), kOp, ": ", name, "[", i,
                 "] is an inference tensor; it may only be updated in place inside torch.inference_mode()");
   }
@@ -112,11 +107,9 @@ AdamWPlan checked_plan(const AdamWArgs& a, bool check) {
       const std::optional<at::Tensor> lt = a.lr_tensors.get(k);
       if (lt.has_value() && lt->defined()) {
         if (check) {
-          TORCH_CHECK_VALUE(lt->numel() == 1 && (lt->scalar_type() == at::kFloat || lt->scalar_type() == at::kDouble) &&
-                                (lt->is_cpu() || lt->device() == plan.device),
-                            kOp, ": lr_tensors[", k, "] is a ", lt->scalar_type(), " tensor of ", lt->numel(),
-                            " element(s) on ", lt->device(), "; expected one float32 or float64 element on the cpu or ",
-                            plan.device);
+          TORCH_CHECK_VALUE(usable_lr_tensor(*lt, plan.device), kOp, ": lr_tensors[", k, "] is a ", lt->scalar_type(),
+                            " tensor of ", lt->numel(), " element(s) on ", lt->device(),
+                            "; expected one float32 or float64 element on the cpu or ", plan.device);
         }
         if (lt->is_cpu()) {  // read here: no device sync
           g.lr = lt->scalar_type() == at::kDouble ? *lt->const_data_ptr<double>() : *lt->const_data_ptr<float>();
@@ -145,7 +138,23 @@ AdamWPlan checked_plan(const AdamWArgs& a, bool check) {
   }
 
   plan.segments.reserve(n);
-  std::vector<at::Tensor> grads(n), maxes(n);
+  // No written tensor may share memory with any other tensor of the call, nor its own elements with
+  // each other (the kernel would race on it, or read a value it is overwriting); read-only ones may
+  // overlap. Each tensor is added while this pass has it at hand; lists as indexed by the errors.
+  enum : size_t { kParams, kGrads, kExpAvgs, kExpAvgSqs, kMaxes, kSteps, kLrs, kGradScale, kFoundInf };
+  MemoryCheck memory({{"params", true},
+                      {"grads", scaled},
+                      {"exp_avgs", true},
+                      {"exp_avg_sqs", true},
+                      {"max_exp_avg_sqs", true},
+                      {"state_steps", true},
+                      {"lr_tensors", false},
+                      {"grad_scale", false},
+                      {"found_inf", false}});
+  if (check) {
+    for (size_t list : {kParams, kGrads, kExpAvgs, kExpAvgSqs, kSteps}) memory.reserve(list, n);
+    memory.reserve(kMaxes, a.max_exp_avg_sqs.size());
+  }
   size_t group = 0, left = a.group_sizes.empty() ? 0 : a.group_sizes[0], next_max = 0;
   for (size_t i = 0; i < n; ++i) {
     while (left == 0) left = a.group_sizes[++group];
@@ -162,9 +171,6 @@ AdamWPlan checked_plan(const AdamWArgs& a, bool check) {
       check_param(kOp, "params", a.params, i);
       TORCH_CHECK(!(p.is_inference() && !c10::InferenceMode::is_enabled()), kOp, ": params[", i,
                   "] is an inference tensor; it may only be updated in place inside torch.inference_mode()");
-      TORCH_CHECK_VALUE(at::has_internal_overlap(p) != at::MemOverlap::Yes, kOp, ": params[", i,
-                        "] has elements that share memory (an expanded tensor?); expected a tensor that can be "
-                        "written element by element");
       if (g.defined()) {
         check_like("grads", i, g, p, scaled);
         TORCH_CHECK_VALUE(!(scaled && g.requires_grad()), kOp, ": grads[", i, "] requires grad; expected a plain "
@@ -174,10 +180,14 @@ AdamWPlan checked_plan(const AdamWArgs& a, bool check) {
       check_like("exp_avg_sqs", i, v, p, true);
       if (amsgrad) check_like("max_exp_avg_sqs", next_max - 1, vmax, p, true);
       check_scalar("state_steps", static_cast<int64_t>(i), step, plan.device, true);
+      memory.add(kParams, i, p);
+      memory.add(kGrads, i, g);
+      memory.add(kExpAvgs, i, m);
+      memory.add(kExpAvgSqs, i, v);
+      if (amsgrad) memory.add(kMaxes, next_max - 1, vmax);
+      memory.add(kSteps, i, step);
     }
     plan.any_double |= p.scalar_type() == at::kDouble;
-    grads[i] = g;
-    maxes[i] = vmax;
     if (p.numel() == 0 || (dense_like(p, p) && (!g.defined() || dense_like(g, p)) && dense_like(m, p) &&
                            dense_like(v, p) && (!amsgrad || dense_like(vmax, p)))) {
       plan.segments.push_back({p, g, m, v, vmax, step, static_cast<int32_t>(group)});
@@ -194,20 +204,10 @@ AdamWPlan checked_plan(const AdamWArgs& a, bool check) {
                              standin(vmax, true), step, static_cast<int32_t>(group)});
   }
   if (check) {
-    std::vector<at::Tensor> lrs;
-    for (const AdamWGroup& g : plan.groups) lrs.push_back(g.lr_tensor);
-    // No written tensor may share memory with any other tensor of the call (the kernel would race on
-    // it, or read a value it is overwriting); read-only ones may overlap each other.
-    const std::vector<at::Tensor> scalars{plan.grad_scale, plan.found_inf};
-    check_no_shared_memory(kOp, {{"params", a.params, true},
-                                 {"grads", grads, scaled},
-                                 {"exp_avgs", a.exp_avgs, true},
-                                 {"exp_avg_sqs", a.exp_avg_sqs, true},
-                                 {"max_exp_avg_sqs", a.max_exp_avg_sqs, true},
-                                 {"state_steps", a.state_steps, true},
-                                 {"lr_tensors", lrs, false},
-                                 {"grad_scale", at::TensorList(scalars).slice(0, 1), false},
-                                 {"found_inf", at::TensorList(scalars).slice(1, 1), false}});
+    for (size_t k = 0; k < plan.groups.size(); ++k) memory.add(kLrs, k, plan.groups[k].lr_tensor);
+    memory.add(kGradScale, 0, plan.grad_scale);
+    memory.add(kFoundInf, 0, plan.found_inf);
+    memory.check(kOp);
   }
   return plan;
 }
@@ -254,6 +254,11 @@ RunAdamW kernels[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TY
 
 void AdamWPlan::finish() const {
   for (const auto& [user, standin] : writeback) user.copy_(standin);
+}
+
+bool usable_lr_tensor(const at::Tensor& t, const at::Device& params_device) {
+  return t.numel() == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) &&
+         (t.is_cpu() || t.device() == params_device);
 }
 
 at::Tensor adamw_impl(const AdamWArgs& a, RunAdamW run) { return run_plan(checked_plan(a, true), run); }

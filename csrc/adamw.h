@@ -65,6 +65,9 @@ struct AdamWArgs {
 
 at::Tensor adamw_impl(const AdamWArgs& a, RunAdamW run);
 
+// An lr tensor the op takes as it is: one float32 or float64 element, on the cpu or the params' device.
+bool usable_lr_tensor(const at::Tensor& t, const at::Device& params_device);
+
 // What the last successful validation of one optimizer's arguments depended on (every tensor's
 // identity, storage, offset, dtype, device, sizes and strides, and the groups' layout): while none
 // of it changes, the checks are skipped (the direct call from l2fast.optim.AdamW keeps one).

@@ -285,8 +285,6 @@ void key_of(std::vector<int64_t>& key, at::TensorList params, at::TensorList gra
   if (weights) {
     for (double w : *weights) add_double(w);
   }
-  // The address of the data, not the storage object: validation places tensors by address (MemoryCheck),
-  // and two storages may hold one memory. Nothing else of a tensor's identity enters the verdict.
   for (size_t i = 0; i < params.size(); ++i) {
     append_key(key, params[i]);
     append_key(key, grads[i]);

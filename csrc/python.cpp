@@ -384,10 +384,7 @@ PyObject* adamw_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nar
   if (run == nullptr) Py_RETURN_NONE;
   for (size_t k = 0; any_lr_tensor && k < lr_tensors.size(); ++k) {  // the slow path converts the others
     const std::optional<at::Tensor> t = lr_tensors.get(k);
-    if (t.has_value() && !(t->numel() == 1 && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble) &&
-                           (t->is_cpu() || t->device() == params[0].device()))) {
-      Py_RETURN_NONE;
-    }
+    if (t.has_value() && !l2fast::usable_lr_tensor(*t, params[0].device())) Py_RETURN_NONE;
   }
   std::optional<at::Tensor> scale_inf[2];
   for (int j = 0; j < 2; ++j) {

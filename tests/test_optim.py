@@ -557,6 +557,11 @@ def test_bad_state_is_refused_before_anything_is_written():
      r"state_steps\[1\] is a Double tensor of 1 element\(s\) on cpu; expected one float32 element on cpu"),
     (lambda a: a.update(exp_avgs=[a["params"][1], a["exp_avgs"][1]]), r"params\[1\] shares memory with exp_avgs\[0\]|"
                                                                        r"exp_avgs\[0\] shares memory with params\[1\]"),
+    # a written tensor whose own elements share memory: refused, read-only ones are not
+    (lambda a: a.update(exp_avg_sqs=[a["exp_avg_sqs"][0], torch.zeros(1).expand(3)]),
+     r"exp_avg_sqs\[1\] has elements that share memory"),
+    (lambda a: a.update(params=[a["params"][0], torch.zeros(2).as_strided((3,), (0,))]),
+     r"params\[1\] has elements that share memory"),
 ])
 def test_op_refuses_bad_lists_before_writing(change, message):
     """torch.ops.l2fast.adamw_ directly: every list and hyperparameter checked before any write."""

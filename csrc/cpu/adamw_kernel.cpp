@@ -34,7 +34,6 @@ struct Consts {
   using V = at::vec::Vectorized<O>;
   V lerp_coeff, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size, decay, l2_scale, grad_scale;
   bool lerp_small, maximize, decays, l2;
-  double w;  // the L2 weight, for the penalty's partial
 
   Consts(const AdamWGroup& g, double step, const AdamWPlan& plan) {
     const double bias_correction1 = 1 - std::pow(g.beta1, step);
@@ -54,7 +53,6 @@ struct Consts {
     decay = V(static_cast<O>(1 - g.lr * g.weight_decay));
     l2 = g.l2_weight != 0;
     l2_scale = V(static_cast<O>(2 * g.l2_weight));
-    w = g.l2_weight;
     maximize = g.maximize;
     grad_scale = V(plan.grad_scale.defined() ? static_cast<O>(*plan.grad_scale.const_data_ptr<float>()) : O(1));
   }

@@ -10,7 +10,6 @@
 // dtypes and sizes set the chunks). Not the addresses (every element goes to the same thread and
 // accumulator whether 16-byte loads are possible or not), not the GPU (chunks are sized from the
 // list alone; the grid decides who computes a chunk, not how), not the stream.
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <cfloat>
