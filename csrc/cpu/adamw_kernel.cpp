@@ -4,7 +4,6 @@
 // at::vec expressions, so the same bits), and p² of the old p added to the chunk's penalty partial.
 // Partials are added in chunk order in float64: bit-identical whatever the thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -228,39 +227,14 @@ at::Tensor run_cpu(const AdamWPlan& plan) {
   const bool skip = plan.found_inf.defined() && *plan.found_inf.const_data_ptr<float>() != 0.0f;
   int64_t numel;
   const std::vector<Chunk> chunks = cpu::cut_into_chunks(plan.segments, kChunk, numel);
-  std::vector<double> partial(chunks.size());
-  auto work = [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const Chunk& ch = chunks[c];
-      const AdamWSegment& s = plan.segments[ch.segment];
-      partial[c] = AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.p.scalar_type(), "l2fast_adamw_cpu",
-                                                   [&] { return run_chunk<scalar_t>(plan, s, ch.begin, ch.end, skip); });
-    }
-  };
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  const int64_t threads = at::get_num_threads();
-  if (numel < kSerialBelow || threads == 1 || n == 1) {
-    work(0, n);
-  } else {
-    // One run of consecutive chunks of about numel / threads elements per thread (at::parallel_for
-    // splits a range by count, and a model's small tensors make small chunks). Which thread does a
-    // chunk never changes its partial: the result is the same for any split.
-    std::vector<int64_t> bounds{0};
-    int64_t done = 0;
-    for (int64_t c = 0; c < n; ++c) {
-      done += chunks[c].end - chunks[c].begin;
-      if (done * threads >= numel * static_cast<int64_t>(bounds.size()) && c + 1 < n) bounds.push_back(c + 1);
-    }
-    bounds.push_back(n);
-    at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t first, int64_t last) {
-      for (int64_t t = first; t < last; ++t) work(bounds[t], bounds[t + 1]);
-    });
-  }
+  const double total = cpu::sum_chunks(chunks, numel, kSerialBelow, [&](const Chunk& ch) {
+    const AdamWSegment& s = plan.segments[ch.segment];
+    return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.p.scalar_type(), "l2fast_adamw_cpu",
+                                           [&] { return run_chunk<scalar_t>(plan, s, ch.begin, ch.end, skip); });
+  });
   if (!skip) {
     for (const AdamWSegment& s : plan.segments) *s.step.mutable_data_ptr<float>() += 1.0f;
   }
-  double total = 0.0;
-  for (double x : partial) total += x;
   return cpu::value_tensor(total, plan.any_double);
 }
 

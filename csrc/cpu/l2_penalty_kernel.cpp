@@ -4,7 +4,6 @@
 // are counted from each tensor's first element (unaligned loads), so the bits do not depend on
 // where the tensors sit in memory either.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -133,23 +132,10 @@ double chunk_partial(const Segment& seg, int64_t begin, int64_t end, double scal
 
 template <typename acc_t>
 double run_chunks(const Plan& plan, const std::vector<Chunk>& chunks, int64_t numel, double scale) {
-  std::vector<double> partial(chunks.size());
-  auto work = [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      const Chunk& ch = chunks[c];
-      const Segment& seg = plan.segments[ch.segment];
-      partial[c] = seg.w * chunk_partial<acc_t>(seg, ch.begin, ch.end, scale * seg.w);
-    }
-  };
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  if (numel < kSerialBelow) {
-    work(0, n);
-  } else {
-    at::parallel_for(0, n, 1, work);
-  }
-  double total = 0.0;
-  for (double x : partial) total += x;
-  return total;
+  return cpu::sum_chunks(chunks, numel, kSerialBelow, [&](const Chunk& ch) {
+    const Segment& seg = plan.segments[ch.segment];
+    return seg.w * chunk_partial<acc_t>(seg, ch.begin, ch.end, scale * seg.w);
+  });
 }
 
 at::Tensor run_cpu(const Plan& plan, double weight, const at::Tensor* grad_out, bool reduce) {
