@@ -252,10 +252,6 @@ RunAdamW kernels[static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TY
 
 }  // namespace
 
-void AdamWPlan::finish() const {
-  for (const auto& [user, standin] : writeback) user.copy_(standin);
-}
-
 bool usable_lr_tensor(const at::Tensor& t, const at::Device& params_device) {
   return t.numel() == 1 && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble) &&
          (t.is_cpu() || t.device() == params_device);
@@ -298,11 +294,8 @@ void adamw_bump_versions(const AdamWArgs& a) {
 }
 
 at::Tensor adamw_fallback(const AdamWArgs& a) {
-  for (size_t i = 0; i < a.params.size(); ++i) {
-    if (a.params[i].defined()) check_layout(kOp, "params", i, a.params[i]);
-  }
-  TORCH_CHECK_NOT_IMPLEMENTED(a.params.empty(), kOp, ": params[0] is on ", a.params[0].device(),
-                              "; l2fast has AdamW kernels for cpu and cuda tensors only");
+  check_layouts(kOp, "params", a.params);
+  refuse_device(kOp, "params", a.params);
   return adamw_impl(a, nullptr);  // nothing to update; the hyperparameters are still checked
 }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "plan.h"
 
 namespace l2fast {
 
@@ -30,17 +31,10 @@ struct AdamWSegment {
   int64_t numel() const { return p.numel(); }
 };
 
-struct AdamWPlan {
+struct AdamWPlan : PlanBase {
   std::vector<AdamWSegment> segments;
   std::vector<AdamWGroup> groups;
   at::Tensor grad_scale, found_inf;  // float32 numel 1 on the params' device, or undefined
-  // (user's tensor, dense stand-in): copied back after the kernel when a tensor was not dense.
-  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
-  at::Device device = at::kCPU;
-  bool any_double = false;
-
-  at::ScalarType acc_dtype() const { return any_double ? at::kDouble : at::kFloat; }
-  void finish() const;
 };
 
 // A backend's kernel: runs the plan, increments every step (none when found_inf is not 0), and

@@ -191,10 +191,6 @@ RunKernel kernel_for(c10::DeviceType type) { return kernels[static_cast<size_t>(
 
 void set_kernel(c10::DeviceType type, RunKernel run) { kernels[static_cast<size_t>(type)] = run; }
 
-void Plan::finish() const {
-  for (const auto& [user, standin] : writeback) user.copy_(standin);
-}
-
 namespace {
 
 // The value ops (sq_norm, l2_penalty): nothing written.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "plan.h"
 
 namespace l2fast {
 
@@ -31,16 +32,9 @@ struct Segment {
   int64_t numel() const { return p.defined() ? p.numel() : g.numel(); }
 };
 
-struct Plan {
+struct Plan : PlanBase {
   std::vector<Segment> segments;
-  // (user's grad, dense stand-in): copied back after the kernel when a grad was not dense.
-  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;
-  at::Device device = at::kCPU;
-  bool any_double = false;  // accumulate in float64 when any input is float64
-  bool in_place = true;     // every segment reads and writes the caller's own tensors (no stand-in)
-
-  at::ScalarType acc_dtype() const { return any_double ? at::kDouble : at::kFloat; }
-  void finish() const;
+  bool in_place = true;  // every segment reads and writes the caller's own tensors (no stand-in)
 };
 
 // What a backend kernel does with a plan: returns weight * sum_s w_s * sum(p_s^2) as a 0-dim
@@ -105,6 +99,12 @@ void check_param(const char* op, const char* name, at::TensorList params, size_t
 
 // Rejects a tensor that is not dense (sparse, mkldnn, ...) or is quantized, naming its layout.
 void check_layout(const char* op, const char* name, size_t i, const at::Tensor& t);
+
+// What an op's fallback (no kernel applies) says (csrc/ops.cpp): check_layout for each defined
+// name[i], then, for a non-empty list, that its device has no l2fast kernel.
+void check_layouts(const char* op, const char* name, at::TensorList tensors);
+void refuse_device(const char* op, const char* name, at::TensorList tensors);
+
 // Rejects a non-finite `weight`, a `weights` list whose length is not n, or a non-finite entry.
 void check_weights(const char* op, double weight, Weights weights, size_t n);
 

@@ -66,28 +66,35 @@ const c10::TypedOperatorHandle<AdamWSchema>& adamw_handle() {
 
 // Reached only when no backend kernel applies: an empty tensor list (no device to dispatch on),
 // sparse or quantized tensors, or tensors on a device l2fast has no kernel for.
-namespace {
+namespace l2fast {
 
-#ifdef WITH_CUDA
-constexpr const char* kKernelDevices = "cpu and cuda";
-#else
-constexpr const char* kKernelDevices = "cpu (this build has no CUDA kernels)";
-#endif
-
-void refuse_unsupported(const char* op, const char* name, at::TensorList tensors) {
+void check_layouts(const char* op, const char* name, at::TensorList tensors) {
   for (size_t i = 0; i < tensors.size(); ++i) {
-    if (tensors[i].defined()) l2fast::check_layout(op, name, i, tensors[i]);
+    if (tensors[i].defined()) check_layout(op, name, i, tensors[i]);
   }
 }
+
+void refuse_device(const char* op, const char* name, at::TensorList tensors) {
+#ifdef WITH_CUDA
+  constexpr const char* kKernelDevices = "cpu and cuda";
+#else
+  constexpr const char* kKernelDevices = "cpu (this build has no CUDA kernels)";
+#endif
+  TORCH_CHECK_NOT_IMPLEMENTED(tensors.empty(), op, ": ", name, "[0] is on ", tensors[0].device(),
+                              "; l2fast has kernels for ", kKernelDevices, " tensors only");
+}
+
+}  // namespace l2fast
+
+namespace {
 
 // name: the list as the op's schema calls it ("params", or sq_norm's "tensors").
 at::Tensor zero_if_empty(const char* op, const char* name, at::TensorList params, double weight = 1.0,
                          l2fast::Weights weights = {}, at::TensorList grads = {}) {
   l2fast::check_weights(op, weight, weights, params.size());
-  refuse_unsupported(op, name, params);
-  refuse_unsupported(op, "grads", grads);
-  TORCH_CHECK_NOT_IMPLEMENTED(params.empty(), op, ": ", name, "[0] is on ", params[0].device(),
-                              "; l2fast has kernels for ", kKernelDevices, " tensors only");
+  l2fast::check_layouts(op, name, params);
+  l2fast::check_layouts(op, "grads", grads);
+  l2fast::refuse_device(op, name, params);
   return at::zeros({}, at::kFloat);
 }
 

@@ -93,6 +93,19 @@ bool overrides_torch_function(PyObject* obj) {
   return overrides;
 }
 
+// A plain tensor held by obj, or nullptr. `checked`: a type seen in this call that is a tensor type
+// without a __torch_function__ of its own (nn.Parameter's is torch's disabled one), so a list of one
+// type is asked once.
+const at::Tensor* plain_tensor(PyObject* obj, PyTypeObject*& checked) {
+  if (obj == nullptr) return nullptr;
+  if (Py_TYPE(obj) != checked) {
+    if (!THPVariable_Check(obj) || overrides_torch_function(obj)) return nullptr;
+    checked = Py_TYPE(obj);
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  return plain(t) ? &t : nullptr;
+}
+
 // _validated() -> a capsule holding an empty l2fast::Validated, for _add_grad_.
 PyObject* validated(PyObject* /*module*/, PyObject* /*unused*/) {
   HANDLE_TH_ERRORS
@@ -134,15 +147,10 @@ PyObject* add_grad(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs
   params.reserve(n);
   grads.reserve(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* item = PyList_GET_ITEM(args[0], i);
-    if (Py_TYPE(item) != checked) {  // nn.Parameter's __torch_function__ is torch's disabled one
-      if (!THPVariable_Check(item) || overrides_torch_function(item)) Py_RETURN_NONE;
-      checked = Py_TYPE(item);
-    }
-    const at::Tensor& p = THPVariable_Unpack(item);
-    if (!plain(p)) Py_RETURN_NONE;
-    params.push_back(p);
-    grads.push_back(p.grad());
+    const at::Tensor* p = plain_tensor(PyList_GET_ITEM(args[0], i), checked);
+    if (p == nullptr) Py_RETURN_NONE;
+    params.push_back(*p);
+    grads.push_back(p->grad());
     if (!grads.back().defined()) {
       fresh.push_back(i);
     } else if (!plain(grads.back())) {
@@ -264,17 +272,6 @@ bool as_double(PyObject* obj, double* out) {
     return true;
   }
   return false;
-}
-
-// A plain tensor held by obj (a type without a __torch_function__ of its own), or nullptr.
-const at::Tensor* plain_tensor(PyObject* obj, PyTypeObject*& checked) {
-  if (obj == nullptr || !THPVariable_Check(obj)) return nullptr;
-  if (Py_TYPE(obj) != checked) {
-    if (overrides_torch_function(obj)) return nullptr;
-    checked = Py_TYPE(obj);
-  }
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  return plain(t) ? &t : nullptr;
 }
 
 // _adamw_step_(param_groups: list[dict], state: dict, grad_scale, found_inf, cache) -> Tensor | None
