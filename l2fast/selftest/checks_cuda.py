@@ -2,6 +2,7 @@
 debug mode, and timed against a sleeping GPU), CUDA graphs, memory across captures, bits across
 grids and alignments, accuracy on constant values, scales beyond float32, streams x threads, and a
 tensor of more than 2^31 elements."""
+import contextlib
 import gc
 import threading
 import time
@@ -52,6 +53,34 @@ def _calls(params, grads, device):
 
 
 # --- one launch ----------------------------------------------------------------------------------
+
+def placed(t, offset, device):
+    """A copy of t on `device`, starting `offset` (< 16) elements into a fresh buffer of its own."""
+    buf = torch.zeros(t.numel() + 16, dtype=t.dtype, device=device)
+    return buf[offset:offset + t.numel()].view(t.shape).copy_(t)
+
+
+@contextlib.contextmanager
+def grid_limit(internal, limit):
+    """Within the block, CUDA launches use at most `limit` blocks (0: the occupancy grid)."""
+    previous = internal.set_grid_limit(limit)
+    try:
+        yield
+    finally:
+        internal.set_grid_limit(previous)
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """Within the block, a host sync torch instruments is a CheckFailed naming it (sync debug mode)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    except RuntimeError as e:
+        raise CheckFailed(f"a host sync happened: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
 
 def _device_events(prof):
     """(kernel names, memcpy names, memset names) the profiler saw on the GPU."""
@@ -150,9 +179,8 @@ def no_sync_check():
         g_old = [[p.grad.clone() for p in params] for params, _, _ in work]
         torch.cuda.synchronize()
         n = 0
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            outs = []
+        outs = []
+        with no_host_sync():
             for params, calls, leaves in work:
                 v = l2fast.l2_penalty_(params, WEIGHT)  # checked below against the reference
                 for name, call in calls.items():
@@ -164,10 +192,6 @@ def no_sync_check():
                 (3 * l2fast.l2_penalty(leaves, WEIGHT)).backward()
                 outs.append(v)
                 n += 2
-        except RuntimeError as e:
-            raise CheckFailed(f"a host sync happened: {' '.join(str(e).split())[:300]}") from None
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
         worst = 0.0
         for (params, _, leaves), v, g0 in zip(work, outs, g_old):
@@ -516,16 +540,8 @@ def bits_check():
         values64 = [v.double() for v in values[:3]]
         olds64 = [o.double() for o in olds[:3]]
 
-        def place(ts, offset):
-            """Copies of ts on the GPU, each starting `offset` elements into a fresh buffer."""
-            out = []
-            for t in ts:
-                buf = torch.zeros(t.numel() + 16, dtype=t.dtype, device=dev)
-                out.append(buf[offset:offset + t.numel()].view(t.shape).copy_(t))
-            return out
-
         def run(vals, olds_, p_off, g_off):
-            params, grads = place(vals, p_off), place(olds_, g_off)
+            params, grads = [placed(t, p_off, dev) for t in vals], [placed(t, g_off, dev) for t in olds_]
             fresh = [g.clone() for g in grads]
             out = [ops.l2_penalty_(params, grads, WEIGHT, []),
                    ops.l2_penalty_(params, fresh, WEIGHT, list(range(len(fresh)))),
@@ -533,23 +549,17 @@ def bits_check():
             out += ops.l2_penalty_backward(torch.tensor(0.3, device=dev), params, WEIGHT)
             return [t.cpu() for t in out + grads + fresh]
 
-        def same(a, b):
-            return all(refs.bit_equal(x, y) for x, y in zip(a, b))
-
         grids, offsets = (0, 1, 2, 7, 97), range(0, 9)
         for name, vals, olds_ in (("float32-accumulated list", values, olds), ("float64 list", values64, olds64)):
             base = run(vals, olds_, 0, 0)
             for limit in grids:
-                previous = internal.set_grid_limit(limit)
-                try:
+                with grid_limit(internal, limit):
                     got = run(vals, olds_, 0, 0)
-                finally:
-                    internal.set_grid_limit(previous)
-                if not same(base, got):
+                if not refs.all_bit_equal(base, got):
                     raise CheckFailed(f"{name}: a grid of at most {limit} blocks changed the bits")
             for p_off in offsets:
                 g_off = (3 * p_off + 1) % 9
-                if not same(base, run(vals, olds_, p_off, g_off)):
+                if not refs.all_bit_equal(base, run(vals, olds_, p_off, g_off)):
                     raise CheckFailed(f"{name}: params at element offset {p_off}, grads at {g_off} changed the bits")
         return (f"2 lists (704 mixed tensors, a device table; 3 float64): bit-identical values and grads over grids of 1..97 blocks and "
                 f"{len(offsets)} param/grad offsets")

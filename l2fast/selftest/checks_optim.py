@@ -8,8 +8,8 @@ import math
 import torch
 
 from . import refs
-from .checks_cuda import (_cuda, _device_events, _internal, _tensor_set, _warm_up, captures_flat,
-                          launched_table)
+from .checks_cuda import (_cuda, _device_events, _internal, _tensor_set, _warm_up, captures_flat, grid_limit,
+                          launched_table, no_host_sync, placed)
 from .refs import check_value, randn
 from .runner import Check, CheckFailed, Skip
 
@@ -307,15 +307,10 @@ def no_sync_check():
             opt.step()  # state made before the mode is set
             work.append(opt)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with no_host_sync():
             for opt in work:
                 for _ in range(3):
                     opt.step()
-        except RuntimeError as e:
-            raise CheckFailed(f"a host sync happened: {' '.join(str(e).split())[:300]}") from None
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
         for opt in work:
             if not all(opt.state[p]["step"].item() == 4 for g in opt.param_groups for p in g["params"]):
                 raise CheckFailed("the steps did not advance to 4")
@@ -442,44 +437,34 @@ def bits_check():
         n_groups = 6
         states = [_state(s, dt, "cpu", 300 + 7 * i, _hyper(i % n_groups)["amsgrad"]) for i, (s, dt) in enumerate(shapes)]
 
-        def place(t, offset):
-            buf = torch.zeros(t.numel() + 16, dtype=t.dtype, device=dev)
-            return buf[offset:offset + t.numel()].view(t.shape).copy_(t)
-
         def run(offset):
-            params = [torch.nn.Parameter(place(p, offset)) for p, *_ in states]
+            params = [torch.nn.Parameter(placed(p, offset, dev)) for p, *_ in states]
             for param, (_, g, *_) in zip(params, states):
-                param.grad = place(g * 4, (3 * offset + 1) % 9)
+                param.grad = placed(g * 4, (3 * offset + 1) % 9, dev)
             groups, _ = _groups(params, n_groups)
             opt = AdamW(groups)
             opt.grad_scale, opt.found_inf = torch.tensor(4.0, device=dev), torch.tensor(0.0, device=dev)
             for i, param in enumerate(params):
                 _, _, m, v, vmax = states[i]
                 st = opt.state[param]
-                st.update(step=torch.tensor(3.0, device=dev), exp_avg=place(m, (offset + 2) % 9),
-                          exp_avg_sq=place(v, (offset + 5) % 9))
+                st.update(step=torch.tensor(3.0, device=dev), exp_avg=placed(m, (offset + 2) % 9, dev),
+                          exp_avg_sq=placed(v, (offset + 5) % 9, dev))
                 if vmax is not None:
-                    st["max_exp_avg_sq"] = place(vmax, (offset + 7) % 9)
+                    st["max_exp_avg_sq"] = placed(vmax, (offset + 7) % 9, dev)
             opt.step()
             out = [opt.penalty]
             for param in params:
                 out += [param.detach(), param.grad] + [t for t in opt.state[param].values()]
             return [t.cpu() for t in out]
 
-        def same(a, b):
-            return all(refs.bit_equal(x, y) for x, y in zip(a, b))
-
         base = run(0)
         for limit in (1, 2, 7, 97):
-            previous = internal.set_grid_limit(limit)
-            try:
+            with grid_limit(internal, limit):
                 got = run(0)
-            finally:
-                internal.set_grid_limit(previous)
-            if not same(base, got):
+            if not refs.all_bit_equal(base, got):
                 raise CheckFailed(f"a grid of at most {limit} blocks changed the bits")
         for offset in range(1, 9):
-            if not same(base, run(offset)):
+            if not refs.all_bit_equal(base, run(offset)):
                 raise CheckFailed(f"params at element offset {offset} (grads and state at others) changed the bits")
         return (f"{len(shapes)} tensors (4 dtypes, 6 groups: device tables) with GradScaler: bit-identical params, "
                 "state, unscaled grads and value over grids of 1..97 blocks and 9 element offsets")

@@ -155,6 +155,11 @@ def bit_equal(a, b):
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
 
 
+def all_bit_equal(a, b):
+    """Two lists of tensors, pairwise bit-identical."""
+    return all(bit_equal(x, y) for x, y in zip(a, b))
+
+
 def identical_runs(once, device, repeats):
     """once() `repeats` times, and on the CPU once more with each of 1, 2 and torch's thread counts;
     CheckFailed unless every run's outputs are bit-identical to the first run's. Returns (runs, a note
