@@ -14,6 +14,7 @@ import platform
 import torch
 from torch import nn
 
+from . import distributed
 from ._cpu import max_threads
 from .choices import ADAMW_IMPLS, PENALTIES, Penalty  # noqa: F401  (engine.PENALTIES: the names the CLIs offer)
 from .errors import UsageError
@@ -324,9 +325,9 @@ def evaluate(model, images, labels, chunk=4096):
 def param_sq_norm(model):
     """sum of p^2 over all parameters, as a Python float (inf or nan when the weights are). Over FSDP2's
     DTensor shards it is the global value, on every rank: each rank must call it (one all-reduce a tensor)."""
-    total = 0.0
+    total, dtensor = 0.0, distributed.dtensor_type() or ()
     with torch.no_grad():
         for p in model.parameters():
             part = p.double().square().sum()
-            total += float(part.full_tensor() if hasattr(part, "full_tensor") else part)
+            total += float(part.full_tensor() if isinstance(part, dtensor) else part)
     return total

@@ -184,7 +184,7 @@ class AdamW(Optimizer):
     @staticmethod
     def _step_tensor(p, step):
         """A step as the kernels keep it: a float32 0-dim tensor on the param's (local) device."""
-        device = (p.to_local() if hasattr(p, "to_local") else p).device
+        device = (p.to_local() if isinstance(p, distributed.dtensor_type() or ()) else p).device
         if isinstance(step, torch.Tensor) and step.dtype == torch.float32 and step.device == device and step.dim() == 0:
             return step
         return torch.tensor(float(step), dtype=torch.float32, device=device)
